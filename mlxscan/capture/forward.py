@@ -1,0 +1,191 @@
+"""The hooked forward pass: mlx-lm's modules, composed per family, with a tap at every site.
+
+The block arithmetic is written once per family in `_block` (it is the adapter's knowledge of what
+is added to the residual); attention, MLP, norms and embeddings are mlx-lm's own modules. The MLP's
+neurons are read by wrapping `down_proj` (its input is act(gate) * up) only for the duration of a
+run. Batches are right-padded: with a causal mask, real tokens never attend to padding, so every
+real position equals a one-by-one run.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..errors import MlxscanError
+from .interventions import Intervention
+from .recording import InterventionEffect, Recording
+from .sites import LAYER_SITES, MODEL_SITES, check_site
+
+
+class _InputTap(nn.Module):
+    """Calls `inner` on `on_input(x)`: lets a run read and change a module's input."""
+
+    def __init__(self, inner: nn.Module, on_input):
+        super().__init__()
+        self.inner = inner
+        self.on_input = on_input
+
+    def __call__(self, x):
+        return self.inner(self.on_input(x))
+
+
+class _Taps:
+    """Applies the interventions registered at a (site, layer), then records the value if asked."""
+
+    def __init__(self, interventions, record_sites, record_layers, valid, lengths):
+        self.by_place: dict[tuple[str, int | None], list[Intervention]] = {}
+        for intervention in interventions:
+            for layer in intervention.layers:
+                self.by_place.setdefault((intervention.site, layer), []).append(intervention)
+        self.record_sites = set(record_sites)
+        self.record_layers = set(record_layers)
+        self.valid = valid  # [batch, seq, 1] 1.0 on real tokens
+        self.lengths = lengths
+        self.recorded: dict[str, list[mx.array]] = {site: [] for site in record_sites}
+        self.effects: list[tuple[Intervention, str, int | None, mx.array, mx.array]] = []
+
+    def __call__(self, site: str, layer: int | None, x: mx.array) -> mx.array:
+        for intervention in self.by_place.get((site, layer), ()):
+            where = self._positions(intervention.positions, x.shape[1])
+            changed = intervention.transform(x)
+            if where is not None:
+                changed = mx.where(where, changed, x)
+            weight = self.valid if where is None else self.valid * where
+            change = mx.sqrt(mx.sum(mx.square((changed - x).astype(mx.float32)) * weight))
+            size = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)) * weight))
+            self.effects.append((intervention, site, layer, change / mx.maximum(size, 1e-30), mx.sum(weight)))
+            x = changed
+        if site in self.record_sites and (layer is None or layer in self.record_layers):
+            self.recorded[site].append(x)
+        return x
+
+    def _positions(self, positions, seq_len: int) -> mx.array | None:
+        if positions is None:
+            return None
+        columns = np.arange(seq_len)[None, :]
+        lengths = self.lengths[:, None]
+        mask = np.zeros((len(self.lengths), seq_len), bool)
+        for position in positions:
+            target = position if position >= 0 else lengths + position
+            mask |= columns == target
+        return mx.array(mask[..., None])
+
+
+def _block(family, block, x, mask, tap, i):
+    """One transformer block; returns the residual stream leaving it."""
+    x = tap("resid_pre", i, x)
+    attn = block.self_attn(block.input_layernorm(x), mask)
+    if family.sandwich_norms:
+        attn = block.post_attention_layernorm(attn)
+    attn = tap("attn_out", i, attn)
+    h = tap("resid_mid", i, x + attn)
+    mlp_norm = block.pre_feedforward_layernorm if family.sandwich_norms else block.post_attention_layernorm
+    mlp = block.mlp(mlp_norm(h))
+    if family.sandwich_norms:
+        mlp = block.post_feedforward_layernorm(mlp)
+    mlp = tap("mlp_out", i, mlp)
+    return tap("resid_post", i, h + mlp)
+
+
+@contextmanager
+def _neuron_taps(blocks, tap, layers: set[int]):
+    """Wrap down_proj of the given layers so `mlp_act` passes through the taps; always restored."""
+    originals = {}
+    try:
+        for i in layers:
+            originals[i] = blocks[i].mlp.down_proj
+            blocks[i].mlp.down_proj = _InputTap(originals[i], lambda a, i=i: tap("mlp_act", i, a))
+        yield
+    finally:
+        for i, original in originals.items():
+            blocks[i].mlp.down_proj = original
+
+
+def _masks(model, seq_len: int, dtype):
+    """Attention mask per layer: causal, or causal within the sliding window on local layers."""
+    from ..models.mlx_lm_classes import model_module
+
+    base = model_module("base")
+    if model.family.attention_needs_array_mask or model.sliding_window:
+        full = base.create_causal_mask(seq_len)
+    else:
+        full = "causal" if seq_len > 1 else None
+    local = base.create_causal_mask(seq_len, window_size=model.sliding_window) if model.sliding_window else None
+    return [local if i in model.sliding_layers else full for i in range(model.n_layers)]
+
+
+def run_tokens(
+    model,
+    token_lists: Sequence[Sequence[int]],
+    *,
+    sites: Sequence[str] = (),
+    layers: Sequence[int] | None = None,
+    interventions: Sequence[Intervention] = (),
+) -> Recording:
+    """Run a batch of token-id lists through the model, recording `sites` at `layers`."""
+    sites = tuple(dict.fromkeys(check_site(site) for site in sites))
+    record_layers = tuple(range(model.n_layers)) if layers is None else tuple(int(layer) for layer in layers)
+    for layer in record_layers:
+        if not 0 <= layer < model.n_layers:
+            raise MlxscanError(f"layer {layer} does not exist (the model has layers 0..{model.n_layers - 1})")
+    for intervention in interventions:
+        if not isinstance(intervention, Intervention):
+            raise MlxscanError(f"{intervention!r} is not an intervention (use mlxscan.Add, Ablate, Project or Scale)")
+        intervention.check(model)
+
+    lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int64)
+    batch, seq_len = len(token_lists), int(lengths.max())
+    padded = np.zeros((batch, seq_len), dtype=np.int32)  # id 0 on padding: never attended to
+    for row, tokens in enumerate(token_lists):
+        padded[row, : len(tokens)] = tokens
+    valid_np = np.arange(seq_len)[None, :] < lengths[:, None]
+    valid = mx.array(valid_np[..., None].astype(np.float32))
+
+    wants_head = "final_norm" in sites or "logits" in sites or any(i.site == "final_norm" for i in interventions)
+    needed = [l for l in record_layers if any(s in LAYER_SITES for s in sites)]
+    needed += [l for i in interventions for l in i.layers if l is not None]
+    last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
+
+    taps = _Taps(interventions, sites, record_layers, valid, lengths)
+    neuron_layers = {l for l in record_layers if "mlp_act" in sites}
+    neuron_layers |= {l for i in interventions if i.site == "mlp_act" for l in i.layers}
+    inner = model.module.model
+    blocks = inner.layers
+    with _neuron_taps(blocks, taps, {l for l in neuron_layers if l <= last_layer}):
+        h = inner.embed_tokens(mx.array(padded))
+        if model.family.scales_embeddings:
+            h = h * mx.array(model.d_model**0.5, dtype=h.dtype)
+        h = taps("embed", None, h)
+        masks = _masks(model, seq_len, h.dtype)
+        for i in range(last_layer + 1):
+            h = _block(model.family, blocks[i], h, masks[i], taps, i)
+        if wants_head:
+            h = taps("final_norm", None, inner.norm(h))
+            if "logits" in sites:
+                taps("logits", None, model.lm_head(h))
+        mx.eval(taps.recorded, [effect[3:] for effect in taps.effects])
+
+    arrays = {}
+    for site in sites:
+        values = taps.recorded[site]
+        stacked = mx.stack(values, axis=1) if site in LAYER_SITES else values[0]
+        array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
+        mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
+        arrays[site] = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
+    effects = [
+        InterventionEffect(i.describe(), site, layer, float(change.item()), int(touched.item()))
+        for i, site, layer, change, touched in taps.effects
+    ]
+    expected = sum(len(i.layers) for i in interventions)
+    if len(effects) != expected:  # every intervention must have met its site at every layer it names
+        raise MlxscanError(f"internal error: {expected} intervention placements but {len(effects)} were applied")
+    return Recording(arrays=arrays, tokens=[list(t) for t in token_lists], lengths=lengths,
+                     layers=record_layers if any(s in LAYER_SITES for s in sites) else (), effects=effects)
+
+
+MODEL_LEVEL_SITES = tuple(MODEL_SITES)

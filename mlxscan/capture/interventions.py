@@ -1,0 +1,176 @@
+"""Interventions: small records of what to change at a site, applied by the one engine in forward.py.
+
+Each names a site and one or more layers; `positions` limits it to some token positions (negative
+ones count back from each sequence's own end, so -1 is every sequence's last real token). A site or
+layer that matches nothing is an error before anything runs, and every run reports how much each
+intervention changed what it touched (the silent no-op is the field's most reported bug).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..errors import MlxscanError
+from .sites import is_layer_site, site_width
+
+
+def _as_layers(layer) -> tuple[int | None, ...]:
+    if layer is None:
+        return (None,)
+    if isinstance(layer, (int, np.integer)):
+        return (int(layer),)
+    return tuple(int(item) for item in layer)
+
+
+def _vector(values, name: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float32)
+    if array.ndim != 1:
+        raise MlxscanError(f"{name} must be one vector [width], got shape {array.shape}")
+    if not np.all(np.isfinite(array)):
+        raise MlxscanError(f"{name} contains NaN or inf")
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    site: str
+    layer: int | Sequence[int] | None
+    positions: Sequence[int] | None = field(default=None, kw_only=True)
+
+    @property
+    def layers(self) -> tuple[int | None, ...]:
+        return _as_layers(self.layer)
+
+    def check(self, model) -> None:
+        """Raise MlxscanError unless this matches a real site, real layers and the site's width."""
+        per_layer = is_layer_site(self.site)
+        for layer in self.layers:
+            if per_layer and layer is None:
+                raise MlxscanError(f"{self.describe()}: site {self.site!r} needs a layer (0..{model.n_layers - 1})")
+            if not per_layer and layer is not None:
+                raise MlxscanError(f"{self.describe()}: site {self.site!r} has no layers; pass layer=None")
+            if layer is not None and not 0 <= layer < model.n_layers:
+                raise MlxscanError(f"{self.describe()}: layer {layer} does not exist (0..{model.n_layers - 1})")
+        if self.site == "logits":
+            raise MlxscanError("interventions on logits are not supported; intervene on final_norm instead")
+        self._check_width(site_width(model, self.site))
+
+    def _check_width(self, width: int) -> None:
+        pass
+
+    def transform(self, x: mx.array) -> mx.array:  # x: [batch, seq, width]
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.site!r}, layer={self.layer!r})"
+
+
+def _check_vector_width(intervention: Intervention, vector: np.ndarray, width: int, name: str) -> None:
+    if vector.shape[0] != width:
+        raise MlxscanError(
+            f"{intervention.describe()}: {name} has {vector.shape[0]} values but site {intervention.site!r} is {width} wide"
+        )
+
+
+def _unit(direction: np.ndarray, intervention: Intervention) -> mx.array:
+    norm = float(np.linalg.norm(direction))
+    if norm == 0:
+        raise MlxscanError(f"{intervention.describe()}: the direction is all zeros")
+    return mx.array(direction / norm)
+
+
+@dataclass(frozen=True, eq=False)
+class Add(Intervention):
+    """x + scale * vector (steering)."""
+
+    vector: Sequence[float] = ()
+    scale: float = 1.0
+
+    def _check_width(self, width):
+        _check_vector_width(self, _vector(self.vector, "vector"), width, "vector")
+
+    def transform(self, x):
+        return x + (self.scale * mx.array(_vector(self.vector, "vector"))).astype(x.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Ablate(Intervention):
+    """Set some units to zero, or to their mean (mean: one value per unit of the site, or per listed unit)."""
+
+    units: Sequence[int] = ()
+    mode: str = "zero"
+    mean: Sequence[float] | None = None
+
+    def _index(self, width: int) -> np.ndarray:
+        units = np.asarray(self.units, dtype=np.int64).reshape(-1)
+        if units.size == 0:
+            raise MlxscanError(f"{self.describe()}: no units given")
+        if units.min() < -width or units.max() >= width:
+            raise MlxscanError(f"{self.describe()}: unit indices must lie in 0..{width - 1}")
+        return units % width
+
+    def _replacement(self, units: np.ndarray, width: int) -> np.ndarray:
+        if self.mode == "zero":
+            if self.mean is not None:
+                raise MlxscanError(f"{self.describe()}: mean is only used with mode='mean'")
+            return np.zeros(units.size, np.float32)
+        if self.mode != "mean":
+            raise MlxscanError(f"{self.describe()}: mode must be 'zero' or 'mean', got {self.mode!r}")
+        if self.mean is None:
+            raise MlxscanError(f"{self.describe()}: mode='mean' needs mean= (the units' mean activation)")
+        mean = _vector(self.mean, "mean")
+        if mean.shape[0] == width:
+            return mean[units]
+        if mean.shape[0] == units.size:
+            return mean
+        raise MlxscanError(f"{self.describe()}: mean must have {width} values (one per unit) or {units.size} (one per ablated unit)")
+
+    def _check_width(self, width):
+        self._replacement(self._index(width), width)
+
+    def transform(self, x):
+        width = x.shape[-1]
+        units = self._index(width)
+        keep = np.ones(width, np.float32)
+        keep[units] = 0
+        fill = np.zeros(width, np.float32)
+        fill[units] = self._replacement(units, width)
+        return x * mx.array(keep).astype(x.dtype) + mx.array(fill).astype(x.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class Project(Intervention):
+    """Remove the component of x along a direction: x - (x . u) u, u the unit direction."""
+
+    direction: Sequence[float] = ()
+
+    def _check_width(self, width):
+        _check_vector_width(self, _vector(self.direction, "direction"), width, "direction")
+        _unit(_vector(self.direction, "direction"), self)
+
+    def transform(self, x):
+        u = _unit(_vector(self.direction, "direction"), self).astype(x.dtype)
+        return x - (x @ u)[..., None] * u
+
+
+@dataclass(frozen=True, eq=False)
+class Scale(Intervention):
+    """Multiply x by factor, or (with a direction) only its component along that direction."""
+
+    factor: float = 1.0
+    direction: Sequence[float] | None = None
+
+    def _check_width(self, width):
+        if self.direction is not None:
+            _check_vector_width(self, _vector(self.direction, "direction"), width, "direction")
+            _unit(_vector(self.direction, "direction"), self)
+
+    def transform(self, x):
+        if self.direction is None:
+            return x * self.factor
+        u = _unit(_vector(self.direction, "direction"), self).astype(x.dtype)
+        return x + (self.factor - 1.0) * (x @ u)[..., None] * u

@@ -1,0 +1,80 @@
+"""The `mlxscan` command: a thin click layer over the library.
+
+Heavy imports happen inside commands so `mlxscan --help` is instant. Library errors (MlxscanError)
+become one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        from .errors import MlxscanError
+
+        try:
+            return super().invoke(ctx)
+        except MlxscanError as error:
+            raise click.ClickException(str(error)) from error
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="mlxscan")
+def main():
+    """mlxscan: an fMRI for language models, in MLX."""
+
+
+def _say(message: str) -> None:
+    click.echo(f"mlxscan: {message}", err=True)
+
+
+@main.command()
+@click.option("--model", "model_ref", default=None, help="Hugging Face folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--texts", "texts_path", type=click.Path(path_type=Path), default=None,
+              help="Texts to compare on: .txt (one a line) or .jsonl (field \"text\"). Default: six built-in texts.")
+@click.option("--dtype", type=DTYPE_CHOICE, default=None, help="dtype of the quantized-path drift check (default float32 on CPU).")
+@click.option("--tolerance", type=float, default=None, help="Largest relative error allowed (default 1e-4).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of a table.")
+def verify(model_ref, texts_path, dtype, tolerance, as_json):
+    """Check MLX against transformers on the same weights: logits and every layer.
+
+    Exits 1 when any relative error exceeds the tolerance.
+    """
+    from .verify import TOLERANCE, read_texts, verify as run_verify
+
+    texts = read_texts(texts_path) if texts_path else None
+    report = run_verify(model_ref, texts, dtype=dtype, tolerance=tolerance or TOLERANCE,
+                        progress=lambda message: None if as_json else _say(message))
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        _print_verify(report)
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_verify(report) -> None:
+    click.echo(f"model      {report.model}   ({report.n_texts} texts, {report.n_tokens} tokens; BLAS: {report.blas})")
+    click.echo(f"embed      rel err {report.embed_rel_err:.2e}")
+    for layer, error in enumerate(report.hidden_rel_err):
+        click.echo(f"layer {layer:>3}  rel err {error:.2e}")
+    click.echo(f"final norm rel err {report.final_norm_rel_err:.2e}")
+    click.echo(f"logits     rel err {report.logits_rel_err:.2e}   top-1 agreement {report.top1_agree:.1%}")
+    if report.quantized_drift:
+        drift = report.quantized_drift
+        layers = drift["hidden_rel_err"]
+        click.echo(f"quantized MLX path ({drift['dtype']}) vs dequantized float32: logits {drift['logits_rel_err']:.2e}, "
+                   f"layers {min(layers):.2e}..{max(layers):.2e}, top-1 agreement {drift['top1_agree']:.1%}")
+    verdict = "OK" if report.ok else "FAILED"
+    click.echo(f"{verdict}: worst relative error {max([report.logits_rel_err, *report.hidden_rel_err]):.2e} "
+               f"(tolerance {report.tolerance:.0e})")
+
+
+if __name__ == "__main__":
+    main()
