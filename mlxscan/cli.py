@@ -15,6 +15,10 @@ import click
 DTYPE_CHOICE = click.Choice(["float32", "float16", "bfloat16"])
 
 
+class _BadInput(click.ClickException):
+    exit_code = 2  # 1 is taken: it means "ran, and the check failed"
+
+
 class _Group(click.Group):
     def invoke(self, ctx):
         from .errors import MlxscanError
@@ -22,7 +26,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except MlxscanError as error:
-            raise click.ClickException(str(error)) from error
+            raise _BadInput(str(error)) from error
 
 
 @click.group(cls=_Group)
@@ -31,8 +35,11 @@ def main():
     """mlxscan: an fMRI for language models, in MLX."""
 
 
-def _say(message: str) -> None:
-    click.echo(f"mlxscan: {message}", err=True)
+def _progress(quiet: bool):
+    """Progress lines for a person at a terminal; nothing in pipes, logs or --json runs."""
+    if quiet or not sys.stderr.isatty():
+        return lambda message: None
+    return lambda message: click.echo(f"mlxscan: {message}", err=True)
 
 
 @main.command()
@@ -42,16 +49,21 @@ def _say(message: str) -> None:
 @click.option("--dtype", type=DTYPE_CHOICE, default=None, help="dtype of the quantized-path drift check (default float32 on CPU).")
 @click.option("--tolerance", type=float, default=None, help="Largest relative error allowed (default 1e-4).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of a table.")
-def verify(model_ref, texts_path, dtype, tolerance, as_json):
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Also save verify.json and the per-text errors (errors.npz) here.")
+def verify(model_ref, texts_path, dtype, tolerance, as_json, out_dir):
     """Check MLX against transformers on the same weights: logits and every layer.
 
     Exits 1 when any relative error exceeds the tolerance.
     """
     from .verify import TOLERANCE, read_texts, verify as run_verify
 
+    from .outputs import write_outputs
+
     texts = read_texts(texts_path) if texts_path else None
-    report = run_verify(model_ref, texts, dtype=dtype, tolerance=tolerance or TOLERANCE,
-                        progress=lambda message: None if as_json else _say(message))
+    report = run_verify(model_ref, texts, dtype=dtype, tolerance=tolerance or TOLERANCE, progress=_progress(as_json))
+    if out_dir:
+        write_outputs(out_dir, {"verify.json": report.to_dict(), "errors.npz": report.arrays})
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable
@@ -46,9 +46,12 @@ class VerifyReport:
     quantized_drift: dict | None  # the packed quantized MLX path against the dequantized float32 one
     blas: str
     versions: dict
+    # The arrays the numbers come from: per-text errors (`hidden_rel_err_per_text` is [texts, layers]) and
+    # the token ids (-1 padded). Saved by `--out`, left out of the JSON record.
+    arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "arrays"}
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -125,17 +128,28 @@ def run_reference(model, token_lists: list[list[int]]) -> list[dict[str, np.ndar
                     for n in range(len(token_lists))]
 
 
-def _compare(ours, theirs) -> dict:
-    """Worst-text relative errors of logits, every layer, embeddings and final norm, and top-1 agreement."""
-    n_layers = ours[0]["resid_post"].shape[0]
-    agree = sum(int((a["logits"].argmax(-1) == b["logits"].argmax(-1)).sum()) for a, b in zip(ours, theirs))
+def per_text_errors(ours, theirs) -> dict[str, np.ndarray]:
+    """Relative errors per text: logits/embed/final_norm [texts], hidden (resid_post) [texts, layers]."""
+    pairs = list(zip(ours, theirs))
     return {
-        "logits_rel_err": max(relative_error(a["logits"], b["logits"]) for a, b in zip(ours, theirs)),
-        "hidden_rel_err": [max(relative_error(a["resid_post"][l], b["resid_post"][l]) for a, b in zip(ours, theirs))
-                           for l in range(n_layers)],
-        "embed_rel_err": max(relative_error(a["embed"], b["embed"]) for a, b in zip(ours, theirs)),
-        "final_norm_rel_err": max(relative_error(a["final_norm"], b["final_norm"]) for a, b in zip(ours, theirs)),
-        "top1_agree": agree / sum(len(a["logits"]) for a in ours),
+        "logits_rel_err": np.array([relative_error(a["logits"], b["logits"]) for a, b in pairs]),
+        "embed_rel_err": np.array([relative_error(a["embed"], b["embed"]) for a, b in pairs]),
+        "final_norm_rel_err": np.array([relative_error(a["final_norm"], b["final_norm"]) for a, b in pairs]),
+        "hidden_rel_err": np.array([[relative_error(x, y) for x, y in zip(a["resid_post"], b["resid_post"])]
+                                    for a, b in pairs]),
+        "top1_agree": np.array([float((a["logits"].argmax(-1) == b["logits"].argmax(-1)).mean()) for a, b in pairs]),
+    }
+
+
+def _summarize(errors: dict[str, np.ndarray], ours) -> dict:
+    """Worst text for every error; top-1 agreement over all positions."""
+    lengths = np.array([len(a["logits"]) for a in ours])
+    return {
+        "logits_rel_err": float(errors["logits_rel_err"].max()),
+        "hidden_rel_err": [float(value) for value in errors["hidden_rel_err"].max(axis=0)],
+        "embed_rel_err": float(errors["embed_rel_err"].max()),
+        "final_norm_rel_err": float(errors["final_norm_rel_err"].max()),
+        "top1_agree": float((errors["top1_agree"] * lengths).sum() / lengths.sum()),
     }
 
 
@@ -162,19 +176,29 @@ def verify(ref=None, texts=None, *, dtype: str | None = None, tolerance: float =
     ours = _record_mlx(model, token_lists)
     progress("running the same weights through transformers (torch, float32) in a child process")
     theirs = run_reference(model, token_lists)
-    errors = _compare(ours, theirs)
+    per_text = per_text_errors(ours, theirs)
+    errors = _summarize(per_text, ours)
     worst = max([errors["logits_rel_err"], *errors["hidden_rel_err"]])
 
     drift = None
     quantized = load(ref, dtype=dtype, dequantize=False) if ref is None or _has_quantized_weights(model) else None
     if quantized is not None and quantized.quantized:
         progress(f"measuring the quantized MLX path ({quantized.dtype}) against the dequantized one")
-        drift = {"dtype": quantized.dtype, **_compare(_record_mlx(quantized, token_lists), ours)}
+        drift_per_text = per_text_errors(_record_mlx(quantized, token_lists), ours)
+        per_text.update({f"quantized_{key}": value for key, value in drift_per_text.items()})
+        drift = {"dtype": quantized.dtype, **_summarize(drift_per_text, ours)}
     versions = {name: _version(name) for name in ("mlxscan", "mlx", "mlx-lm", "transformers", "torch")}
+    arrays = {**{f"{key}_per_text": value for key, value in per_text.items()}, "token_ids": _ragged(token_lists)}
     return VerifyReport(
         model=model.ref, n_texts=len(texts), n_tokens=sum(map(len, token_lists)), tolerance=tolerance,
-        ok=bool(worst <= tolerance), quantized_drift=drift, blas=_blas.describe(), versions=versions, **errors,
+        ok=bool(worst <= tolerance), quantized_drift=drift, blas=_blas.describe(), versions=versions,
+        arrays=arrays, **errors,
     )
+
+
+def _ragged(token_lists) -> np.ndarray:
+    width = max(map(len, token_lists))
+    return np.array([tokens + [-1] * (width - len(tokens)) for tokens in token_lists], dtype=np.int64)
 
 
 def _has_quantized_weights(model) -> bool:

@@ -1,8 +1,9 @@
-"""Shared test set-up: parity runs in strict float32."""
+"""Shared test set-up: parity runs in strict float32, and caches stay inside the test session."""
 
 import os
+import tempfile
 
 # MLX must not trade float32 accuracy for TF32 speed in parity runs (matters on GPUs).
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
-# Keep the tokenizer cache inside the test session's own temporary area only when asked; the default
-# user cache is fine and makes repeated runs fast.
+# Tiny models live in fresh temporary folders, so each would leave a tokenizer in the user's cache.
+os.environ["MLXSCAN_CACHE"] = tempfile.mkdtemp(prefix="mlxscan-test-cache-")

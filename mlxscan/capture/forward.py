@@ -76,6 +76,18 @@ class _Taps:
         return mx.array(mask[..., None])
 
 
+def _check_positions(interventions, lengths: np.ndarray) -> None:
+    """A position must exist in every sequence of the batch: one that misses is an error, not a no-op."""
+    for intervention in interventions:
+        for position in intervention.positions or ():
+            shortest = int(lengths.min())
+            if not -shortest <= int(position) < shortest:
+                raise MlxscanError(
+                    f"{intervention.describe()}: position {position} is outside a sequence of {shortest} tokens; "
+                    f"positions must lie in -{shortest}..{shortest - 1} for this batch"
+                )
+
+
 def _block(family, block, x, mask, tap, i):
     """One transformer block; returns the residual stream leaving it."""
     x = tap("resid_pre", i, x)
@@ -129,16 +141,20 @@ def run_tokens(
 ) -> Recording:
     """Run a batch of token-id lists through the model, recording `sites` at `layers`."""
     sites = tuple(dict.fromkeys(check_site(site) for site in sites))
-    record_layers = tuple(range(model.n_layers)) if layers is None else tuple(int(layer) for layer in layers)
+    # Sorted and unique: values are recorded in forward order, and `Recording.layers` must say which.
+    record_layers = tuple(range(model.n_layers)) if layers is None else tuple(sorted({int(l) for l in layers}))
     for layer in record_layers:
         if not 0 <= layer < model.n_layers:
             raise MlxscanError(f"layer {layer} does not exist (the model has layers 0..{model.n_layers - 1})")
+    if not record_layers and any(site in LAYER_SITES for site in sites):
+        raise MlxscanError("layers=[] records nothing; give at least one layer, or None for all")
     for intervention in interventions:
         if not isinstance(intervention, Intervention):
             raise MlxscanError(f"{intervention!r} is not an intervention (use mlxscan.Add, Ablate, Project or Scale)")
         intervention.check(model)
 
     lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int64)
+    _check_positions(interventions, lengths)
     batch, seq_len = len(token_lists), int(lengths.max())
     padded = np.zeros((batch, seq_len), dtype=np.int32)  # id 0 on padding: never attended to
     for row, tokens in enumerate(token_lists):

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..errors import MlxscanError
 from .families import Family, sliding_layers
@@ -78,7 +79,9 @@ class HookedModel:
 
     def token_lists(self, inputs) -> list[list[int]]:
         """Validate inputs (a string, token ids, or a list of either) and tokenize the strings."""
-        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], int)):
+        if isinstance(inputs, np.ndarray):
+            inputs = inputs.tolist()
+        if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and isinstance(inputs[0], (int, np.integer))):
             inputs = [inputs]
         if not isinstance(inputs, Sequence) or len(inputs) == 0:
             raise MlxscanError("run needs at least one input (a string or a list of token ids)")
@@ -89,6 +92,9 @@ class HookedModel:
                     raise MlxscanError(f"input {number} is an empty text; give every input some text")
                 tokens = self.tokenize(item)
             else:
+                item = item.tolist() if isinstance(item, np.ndarray) else item
+                if not isinstance(item, Sequence) or not all(isinstance(t, (int, np.integer)) for t in item):
+                    raise MlxscanError(f"input {number} must be a string or a list of token ids")
                 tokens = [int(token) for token in item]
                 bad = [t for t in tokens if not 0 <= t < self.vocab_size]
                 if bad:
