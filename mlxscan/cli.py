@@ -71,6 +71,74 @@ def verify(model_ref, texts_path, dtype, tolerance, as_json, out_dir):
     sys.exit(0 if report.ok else 1)
 
 
+def _default_stimuli() -> Path:
+    """stimuli/categories.jsonl: beside the package in a checkout, or shipped inside it."""
+    for candidate in (Path(__file__).resolve().parent.parent / "stimuli" / "categories.jsonl",
+                      Path(__file__).resolve().parent / "data" / "categories.jsonl"):
+        if candidate.exists():
+            return candidate
+    raise _BadInput("stimuli/categories.jsonl not found; pass --stimuli FILE")
+
+
+def _split_list(value: str | None, name: str, cast=str):
+    if value is None:
+        return None
+    try:
+        return tuple(cast(item.strip()) for item in value.split(",") if item.strip())
+    except ValueError as error:
+        raise click.BadParameter(f"{name} must be a comma-separated list: {error}") from error
+
+
+def _layers_option(value: str | None):
+    """'all', '3', '0,5,10' or '4-8' (inclusive)."""
+    if value is None or value == "all":
+        return None
+    layers = []
+    for part in value.split(","):
+        part = part.strip()
+        if "-" in part:
+            first, last = part.split("-", 1)
+            layers.extend(range(int(first), int(last) + 1))
+        elif part:
+            layers.append(int(part))
+    return tuple(layers)
+
+
+@main.command()
+@click.option("--model", "model_ref", default=None, help="Hugging Face folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
+@click.option("--stimuli", "stimuli_path", type=click.Path(path_type=Path), default=None,
+              help="Stimulus set (.jsonl; default: stimuli/categories.jsonl).")
+@click.option("--sites", default="resid_post", show_default=True, help="Comma-separated per-layer sites.")
+@click.option("--layers", "layers_spec", default=None, help="all (default), 12, 0,5,10 or 4-8.")
+@click.option("--pool", type=click.Choice(["last", "mean", "word", "all"]), default="last", show_default=True,
+              help="Pool each stimulus' tokens: last token, mean, the target word's tokens, or keep all tokens.")
+@click.option("--dtype", "store_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="dtype of the stored arrays (the model computes in its own dtype).")
+@click.option("--model-dtype", type=DTYPE_CHOICE, default=None, help="dtype the model computes in (default float32 on CPU).")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a different scan already in --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder of the scan.")
+def scan(model_ref, stimuli_path, sites, layers_spec, pool, store_dtype, model_dtype, batch_size, overwrite, as_json,
+         out_dir):
+    """Record sites of every stimulus into an on-disk store (resumable; a finished scan is reused)."""
+    from .capture.scan import ProgressBar, ScanSettings, run_scan
+    from .models import load
+    from .stimuli import load_stimuli
+
+    stimuli = load_stimuli(stimuli_path or _default_stimuli())
+    settings = ScanSettings(sites=_split_list(sites, "--sites"), layers=_layers_option(layers_spec), pool=pool,
+                            store_dtype=store_dtype, batch_size=batch_size)
+    model = load(model_ref, dtype=model_dtype)
+    result = run_scan(model, stimuli, out_dir, settings, overwrite=overwrite, progress=ProgressBar("scan"))
+    if as_json:
+        click.echo(json.dumps(result.manifest))
+    else:
+        m = result.manifest
+        click.echo(f"scan complete: {out_dir}  ({m['stimuli']['n']} stimuli, sites {', '.join(m['sites'])}, "
+                   f"{len(m['layers'])} layers, pool {m['pool']}; finished {m['finished']})")
+
+
 def _print_verify(report) -> None:
     click.echo(f"model      {report.model}   ({report.n_texts} texts, {report.n_tokens} tokens; BLAS: {report.blas})")
     click.echo(f"embed      rel err {report.embed_rel_err:.2e}")

@@ -37,7 +37,7 @@ class _InputTap(nn.Module):
 class _Taps:
     """Applies the interventions registered at a (site, layer), then records the value if asked."""
 
-    def __init__(self, interventions, record_sites, record_layers, valid, lengths):
+    def __init__(self, interventions, record_sites, record_layers, valid, lengths, pool_weights=None):
         self.by_place: dict[tuple[str, int | None], list[Intervention]] = {}
         for intervention in interventions:
             for layer in intervention.layers:
@@ -47,6 +47,7 @@ class _Taps:
         self.valid = valid  # [batch, seq, 1] 1.0 on real tokens
         self.lengths = lengths
         self.recorded: dict[str, list[mx.array]] = {site: [] for site in record_sites}
+        self.pool_weights = pool_weights  # [batch, seq, 1]: recorded values become weighted sums over seq
         self.effects: list[tuple[Intervention, str, int | None, mx.array, mx.array]] = []
 
     def __call__(self, site: str, layer: int | None, x: mx.array) -> mx.array:
@@ -61,7 +62,7 @@ class _Taps:
             self.effects.append((intervention, site, layer, change / mx.maximum(size, 1e-30), mx.sum(weight)))
             x = changed
         if site in self.record_sites and (layer is None or layer in self.record_layers):
-            self.recorded[site].append(x)
+            self.recorded[site].append(x if self.pool_weights is None else mx.sum(x * self.pool_weights, axis=1))
         return x
 
     def _positions(self, positions, seq_len: int) -> mx.array | None:
@@ -138,8 +139,13 @@ def run_tokens(
     sites: Sequence[str] = (),
     layers: Sequence[int] | None = None,
     interventions: Sequence[Intervention] = (),
+    pool_weights: np.ndarray | None = None,
 ) -> Recording:
-    """Run a batch of token-id lists through the model, recording `sites` at `layers`."""
+    """Run a batch of token-id lists through the model, recording `sites` at `layers`.
+
+    pool_weights [batch, seq] (zero on padding) pools every recorded site over tokens inside MLX,
+    so a scan never holds token-level arrays: pooled sites come back as [batch, layers, width].
+    """
     sites = tuple(dict.fromkeys(check_site(site) for site in sites))
     # Sorted and unique: values are recorded in forward order, and `Recording.layers` must say which.
     record_layers = tuple(range(model.n_layers)) if layers is None else tuple(sorted({int(l) for l in layers}))
@@ -167,7 +173,8 @@ def run_tokens(
     needed += [l for i in interventions for l in i.layers if l is not None]
     last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
 
-    taps = _Taps(interventions, sites, record_layers, valid, lengths)
+    pooling = None if pool_weights is None else mx.array(np.asarray(pool_weights, np.float32)[:, :seq_len, None])
+    taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
     neuron_layers = {l for l in record_layers if "mlp_act" in sites}
     neuron_layers |= {l for i in interventions if i.site == "mlp_act" for l in i.layers}
     inner = model.module.model
@@ -191,8 +198,10 @@ def run_tokens(
         values = taps.recorded[site]
         stacked = mx.stack(values, axis=1) if site in LAYER_SITES else values[0]
         array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
-        mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
-        arrays[site] = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
+        if pooling is None:
+            mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
+            array = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
+        arrays[site] = array
     effects = [
         InterventionEffect(i.describe(), site, layer, float(change.item()), int(touched.item()))
         for i, site, layer, change, touched in taps.effects

@@ -62,6 +62,13 @@ class HookedModel:
         return (f"HookedModel({self.ref!r}, {self.family.name}, layers={self.n_layers}, d_model={self.d_model}, "
                 f"d_mlp={self.d_mlp}, dtype={self.dtype}{', quantized' if self.quantized else ''})")
 
+    def weights_sha256(self) -> str:
+        """sha256 of the weight files (the .gguf, or the folder's safetensors in name order), cached by size and mtime."""
+        from .hashing import files_sha256
+
+        files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.safetensors"))
+        return files_sha256(files)
+
     def tokenize(self, text: str) -> list[int]:
         """Token ids exactly as transformers' tokenizer for this model gives them (BOS never doubled)."""
         if not isinstance(text, str):
