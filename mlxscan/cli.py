@@ -94,13 +94,20 @@ def _layers_option(value: str | None):
     if value is None or value == "all":
         return None
     layers = []
-    for part in value.split(","):
-        part = part.strip()
-        if "-" in part:
-            first, last = part.split("-", 1)
-            layers.extend(range(int(first), int(last) + 1))
-        elif part:
-            layers.append(int(part))
+    try:
+        for part in value.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                first, last = part.split("-", 1)
+                if int(last) < int(first):
+                    raise ValueError(part)
+                layers.extend(range(int(first), int(last) + 1))
+            elif part:
+                layers.append(int(part))
+    except ValueError as error:
+        raise _BadInput(f"--layers {value!r} is not a layer list; use all, N, N,M or N-M (for example 0,5,10 or 4-8)") from error
+    if not layers:
+        raise _BadInput("--layers is empty; use all, N, N,M or N-M")
     return tuple(layers)
 
 

@@ -1,6 +1,8 @@
 """Shared test set-up: parity runs in strict float32, and caches stay inside the test session."""
 
 import os
+
+import mlxscan  # noqa: F401  (first, so MLX gets the fast BLAS whatever a test file imports)
 import tempfile
 
 # MLX must not trade float32 accuracy for TF32 speed in parity runs (matters on GPUs).

@@ -80,7 +80,7 @@ def check_settings(model, settings: ScanSettings) -> ScanSettings:
     layers = tuple(range(model.n_layers)) if settings.layers is None else tuple(sorted(set(settings.layers)))
     bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad or not layers:
-        raise MlxscanError(f"layers {bad or '[]'} do not exist; this model has layers 0..{model.n_layers - 1}")
+        raise MlxscanError(f"--layers {list(bad) or '[]'}: no such layers; this model has layers 0..{model.n_layers - 1}")
     if settings.batch_size < 1:
         raise MlxscanError("--batch-size must be at least 1")
     if settings.store_dtype not in ("float32", "float16"):
@@ -177,7 +177,7 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
             rows = {site: [(offsets[i], recording.unpadded(site, n).swapaxes(0, 1)) for n, i in enumerate(batch)]
                     for site in settings.sites}
         else:
-            rows = {site: [(i, recording[site][n]) for n, i in enumerate(batch)] for site in settings.sites}
+            rows = {site: [(i, recording[site][n:n + 1]) for n, i in enumerate(batch)] for site in settings.sites}
         writer.write(rows, done=start + len(batch))
         tokens_done += sum(map(len, token_lists))
         if progress:

@@ -78,10 +78,17 @@ class ScanWriter:
         progress = self.folder / "progress.json"
         resuming = progress.exists() and (self.folder / "manifest.json").exists()
         self.done = json.loads(progress.read_text())["done"] if resuming else 0
-        for site, width in widths.items():
-            path = self.folder / f"{site}.npy"
-            if not (resuming and path.exists()):
-                _reserve(path, (n_rows, len(manifest["layers"]), width), manifest["store_dtype"]).flush()
+        created = []
+        try:
+            for site, width in widths.items():
+                path = self.folder / f"{site}.npy"
+                if not (resuming and path.exists()):
+                    created.append(path)
+                    _reserve(path, (n_rows, len(manifest["layers"]), width), manifest["store_dtype"]).flush()
+        except (MlxscanError, OSError):
+            for path in created:  # leave no half-made store behind: the same command can run again later
+                path.unlink(missing_ok=True)
+            raise
         if not resuming:
             (self.folder / "stimuli.jsonl").write_text(stimuli.to_jsonl())
             write_json_atomic(self.folder / "manifest.json", manifest)
