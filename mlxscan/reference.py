@@ -69,6 +69,6 @@ if __name__ == "__main__":
     try:
         main(*sys.argv[1:3])
     except ImportError as error:
-        print(f"the transformers reference needs torch and transformers (pip install 'mlxscan[test]'): {error}",
+        print(f"the transformers reference needs torch and transformers (pip install 'mlxscan[reference]'): {error}",
               file=sys.stderr)
         sys.exit(3)

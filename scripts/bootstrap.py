@@ -1,7 +1,8 @@
 """Set up mlxscan in .venv at the repository root, using nothing but python3.
 
-    python3 scripts/bootstrap.py          # mlxscan and its runtime dependencies
-    python3 scripts/bootstrap.py --test   # also the test extra (pytest, transformers, torch, gguf)
+    python3 scripts/bootstrap.py          # mlxscan, its runtime dependencies and the reference extra
+                                          # (transformers, torch CPU, gguf) that `mlxscan verify` uses
+    python3 scripts/bootstrap.py --test   # also pytest
 
 Safe to run again: pip skips what is already installed.
 """
@@ -31,8 +32,9 @@ def main() -> None:
     if not venv_python().exists():
         print(f"bootstrap: creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    target = f"{ROOT}[test]" if args.test else str(ROOT)
-    print(f"bootstrap: installing {'mlxscan with the test extra' if args.test else 'mlxscan'} into .venv "
+    extra = "test" if args.test else "reference"
+    target = f"{ROOT}[{extra}]"
+    print(f"bootstrap: installing mlxscan[{extra}] into .venv "
           "(the first time takes several minutes)", flush=True)
     subprocess.run([str(venv_python()), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
     subprocess.run([str(venv_python()), "-m", "pip", "install", "--quiet", "-e", target], check=True)

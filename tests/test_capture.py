@@ -367,11 +367,25 @@ def test_hooks_are_removed_after_runs_and_failures(tiny, site):
 # 6. With nothing attached, the hooked forward is mlx-lm's forward
 
 
-def bare_forward_difference(model, ids) -> float:
-    """Largest |logit| difference between mlx-lm's own Model call and our hooked run."""
+def bare_forward_difference(model, ids, *, fast_cpu_math: bool = False) -> float:
+    """Largest |logit| difference between mlx-lm's own Model call and our hooked run.
+
+    With fast_cpu_math off our MLP activation is MLX's own op, as in mlx-lm, so the runs can be identical.
+    """
     theirs = np.array(model.module(mx.array([ids]))[0])
-    ours = model.run(ids, logits=True).logits[0]
+    model.fast_cpu_math = fast_cpu_math
+    try:
+        ours = model.run(ids, logits=True).logits[0]
+    finally:
+        model.fast_cpu_math = True
     return float(np.abs(ours - theirs).max())
+
+
+def test_fast_cpu_activation_stays_at_float32_rounding(bundled):
+    ids = bundled.tokenize(TEXT)
+    scale = float(np.abs(np.array(bundled.module(mx.array([ids]))[0])).max())
+    # The polynomial exp is within 2e-7 relative; through 30 layers the logits moved 1.9e-6 of their range.
+    assert bare_forward_difference(bundled, ids, fast_cpu_math=True) <= 2e-5 * scale
 
 
 # Measured 0.0 for all three: the same modules and operations in the same order.

@@ -1,37 +1,22 @@
 """The hooked forward pass: mlx-lm's modules, composed per family, with a tap at every site.
 
-The block arithmetic is written once per family in `_block` (it is the adapter's knowledge of what
-is added to the residual); attention, MLP, norms and embeddings are mlx-lm's own modules. The MLP's
-neurons are read by wrapping `down_proj` (its input is act(gate) * up) only for the duration of a
-run. Batches are right-padded: with a causal mask, real tokens never attend to padding, so every
+The block arithmetic is written once, steered by the family adapter (what is added to the
+residual, which activation the MLP uses); attention, projections, norms and embeddings are mlx-lm's
+own modules. Nothing is attached to the model, so nothing needs restoring after a run. Batches are right-padded: with a causal mask, real tokens never attend to padding, so every
 real position equals a one-by-one run.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Sequence
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..errors import MlxscanError
 from .interventions import Intervention
 from .recording import InterventionEffect, Recording
 from .sites import LAYER_SITES, MODEL_SITES, check_site
-
-
-class _InputTap(nn.Module):
-    """Calls `inner` on `on_input(x)`: lets a run read and change a module's input."""
-
-    def __init__(self, inner: nn.Module, on_input):
-        super().__init__()
-        self.inner = inner
-        self.on_input = on_input
-
-    def __call__(self, x):
-        return self.inner(self.on_input(x))
 
 
 class _Taps:
@@ -89,34 +74,27 @@ def _check_positions(interventions, lengths: np.ndarray) -> None:
                 )
 
 
-def _block(family, block, x, mask, tap, i):
-    """One transformer block; returns the residual stream leaving it."""
+def _block(model, block, x, mask, tap, i):
+    """One transformer block; returns the residual stream leaving it.
+
+    mlx-lm's own modules (norms, attention, the MLP's three projections), composed the way the
+    family adds them to the residual; the MLP is spelled out so its neurons pass through a tap.
+    """
+    family = model.family
     x = tap("resid_pre", i, x)
     attn = block.self_attn(block.input_layernorm(x), mask)
     if family.sandwich_norms:
         attn = block.post_attention_layernorm(attn)
     attn = tap("attn_out", i, attn)
     h = tap("resid_mid", i, x + attn)
-    mlp_norm = block.pre_feedforward_layernorm if family.sandwich_norms else block.post_attention_layernorm
-    mlp = block.mlp(mlp_norm(h))
+    mlp_in = (block.pre_feedforward_layernorm if family.sandwich_norms else block.post_attention_layernorm)(h)
+    mlp = block.mlp
+    neurons = tap("mlp_act", i, model.gated_activation(mlp.gate_proj(mlp_in), mlp.up_proj(mlp_in)))
+    out = mlp.down_proj(neurons)
     if family.sandwich_norms:
-        mlp = block.post_feedforward_layernorm(mlp)
-    mlp = tap("mlp_out", i, mlp)
-    return tap("resid_post", i, h + mlp)
-
-
-@contextmanager
-def _neuron_taps(blocks, tap, layers: set[int]):
-    """Wrap down_proj of the given layers so `mlp_act` passes through the taps; always restored."""
-    originals = {}
-    try:
-        for i in layers:
-            originals[i] = blocks[i].mlp.down_proj
-            blocks[i].mlp.down_proj = _InputTap(originals[i], lambda a, i=i: tap("mlp_act", i, a))
-        yield
-    finally:
-        for i, original in originals.items():
-            blocks[i].mlp.down_proj = original
+        out = block.post_feedforward_layernorm(out)
+    out = tap("mlp_out", i, out)
+    return tap("resid_post", i, h + out)
 
 
 def _masks(model, seq_len: int, dtype):
@@ -175,23 +153,19 @@ def run_tokens(
 
     pooling = None if pool_weights is None else mx.array(np.asarray(pool_weights, np.float32)[:, :seq_len, None])
     taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
-    neuron_layers = {l for l in record_layers if "mlp_act" in sites}
-    neuron_layers |= {l for i in interventions if i.site == "mlp_act" for l in i.layers}
     inner = model.module.model
-    blocks = inner.layers
-    with _neuron_taps(blocks, taps, {l for l in neuron_layers if l <= last_layer}):
-        h = inner.embed_tokens(mx.array(padded))
-        if model.family.scales_embeddings:
-            h = h * mx.array(model.d_model**0.5, dtype=h.dtype)
-        h = taps("embed", None, h)
-        masks = _masks(model, seq_len, h.dtype)
-        for i in range(last_layer + 1):
-            h = _block(model.family, blocks[i], h, masks[i], taps, i)
-        if wants_head:
-            h = taps("final_norm", None, inner.norm(h))
-            if "logits" in sites:
-                taps("logits", None, model.lm_head(h))
-        mx.eval(taps.recorded, [effect[3:] for effect in taps.effects])
+    h = inner.embed_tokens(mx.array(padded))
+    if model.family.scales_embeddings:
+        h = h * mx.array(model.d_model**0.5, dtype=h.dtype)
+    h = taps("embed", None, h)
+    masks = _masks(model, seq_len, h.dtype)
+    for i in range(last_layer + 1):
+        h = _block(model, inner.layers[i], h, masks[i], taps, i)
+    if wants_head:
+        h = taps("final_norm", None, inner.norm(h))
+        if "logits" in sites:
+            taps("logits", None, model.lm_head(h))
+    mx.eval(taps.recorded, [effect[3:] for effect in taps.effects])
 
     arrays = {}
     for site in sites:

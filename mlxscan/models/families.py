@@ -20,12 +20,13 @@ class Family:
     sandwich_norms: bool  # Gemma 2: norms on both branch outputs as well as their inputs
     scales_embeddings: bool  # Gemma: h = embed * sqrt(d_model)
     attention_needs_array_mask: bool  # Gemma 2's attention compares mask.dtype, so no "causal" string
+    mlp_activation: str  # neurons = act(gate(x)) * up(x): "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
 
 
 FAMILIES = {
-    "llama": Family("llama", "llama", False, False, False),
-    "qwen2": Family("qwen2", "qwen2", False, False, False),
-    "gemma2": Family("gemma2", "gemma2", True, True, True),
+    "llama": Family("llama", "llama", False, False, False, "silu"),
+    "qwen2": Family("qwen2", "qwen2", False, False, False, "silu"),
+    "gemma2": Family("gemma2", "gemma2", True, True, True, "gelu_tanh"),
 }
 # model_type values that are one of the families under another name.
 ALIASES = {"mistral": "llama"}

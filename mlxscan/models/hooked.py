@@ -27,11 +27,21 @@ class HookedModel:
     tokenizer: Tokenizer
     dtype: str
     quantized: bool  # weights kept packed (MLX quantized kernels) rather than dequantized
+    # MLX's Linux CPU build computes exp one element at a time; the polynomial form (capture/cpu_math.py)
+    # is ~3x faster for the MLP activation and agrees to float32 rounding. Set False for MLX's own ops.
+    fast_cpu_math: bool = True
     sliding_window: int | None = field(init=False)
     sliding_layers: frozenset[int] = field(init=False)
 
     def __post_init__(self):
         self.sliding_window, self.sliding_layers = sliding_layers(self.config, self.n_layers)
+
+    def gated_activation(self, gate: mx.array, up: mx.array) -> mx.array:
+        """The MLP neurons act(gate) * up, in the family's activation."""
+        from ..capture.cpu_math import gated_activation
+
+        fast = self.fast_cpu_math and mx.default_device() == mx.cpu and gate.dtype == mx.float32
+        return gated_activation(self.family.mlp_activation, fast)(gate, up)
 
     @property
     def n_layers(self) -> int:
