@@ -213,3 +213,15 @@ class ProgressBar:
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+def cached_scan(model, stimuli: StimulusSet, settings: ScanSettings, *, progress=None) -> Scan:
+    """A scan kept in the user cache, keyed by its identity: run once, reused (and resumed) after."""
+    import hashlib
+    import json
+
+    from ..models.tokenizer import cache_dir
+
+    settings = check_settings(model, settings)
+    key = hashlib.sha256(json.dumps(scan_identity(model, stimuli, settings), sort_keys=True).encode()).hexdigest()
+    return run_scan(model, stimuli, cache_dir() / "scans" / key[:32], settings, progress=progress)

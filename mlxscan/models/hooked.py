@@ -30,6 +30,9 @@ class HookedModel:
     # MLX's Linux CPU build computes exp one element at a time; the polynomial form (capture/cpu_math.py)
     # is ~3x faster for the MLP activation and agrees to float32 rounding. Set False for MLX's own ops.
     fast_cpu_math: bool = True
+    # Set for models whose weights are not the files at `path` (the untrained twin): what scans record
+    # as the weights' identity instead of the files' sha256.
+    weights_identity: str | None = None
     sliding_window: int | None = field(init=False)
     sliding_layers: frozenset[int] = field(init=False)
 
@@ -76,6 +79,8 @@ class HookedModel:
         """sha256 of the weight files (the .gguf, or the folder's safetensors in name order), cached by size and mtime."""
         from .hashing import files_sha256
 
+        if self.weights_identity:
+            return self.weights_identity
         files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.safetensors"))
         return files_sha256(files)
 
