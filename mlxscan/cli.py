@@ -146,6 +146,193 @@ def scan(model_ref, stimuli_path, sites, layers_spec, pool, store_dtype, model_d
                    f"{len(m['layers'])} layers, pool {m['pool']}; finished {m['finished']})")
 
 
+@main.command()
+@click.argument("scan_dir", required=False, type=click.Path(path_type=Path))
+@click.option("--model", "model_ref", default=None, help="Model to scan first when no SCAN_DIR is given (default: bundled).")
+@click.option("--stimuli", "stimuli_path", type=click.Path(path_type=Path), default=None,
+              help="Stimuli to scan first when no SCAN_DIR is given (default: stimuli/categories.jsonl).")
+@click.option("--site", default="resid_post", show_default=True, help="Per-layer site to probe.")
+@click.option("--target", type=click.Choice(["category", "frame"]), default="category", show_default=True)
+@click.option("--folds", type=int, default=5, show_default=True, help="Group folds by word.")
+@click.option("--permutations", type=int, default=20, show_default=True, help="Label shuffles across words, per layer.")
+@click.option("--no-twin", is_flag=True, help="Skip the untrained-twin control.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of the table.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Save probe.json, the arrays (probe_arrays.npz) and the plot (probe.png) here.")
+def probe(scan_dir, model_ref, stimuli_path, site, target, folds, permutations, no_twin, seed, as_json, out_dir):
+    """Is the target decodable at each layer, and more than the untrained architecture gives?"""
+    from .capture.scan import ProgressBar
+    from .experiments.probe import run_probe
+    from .store import open_scan
+
+    if scan_dir is not None and (model_ref or stimuli_path):
+        raise _BadInput("give either SCAN_DIR or --model/--stimuli, not both")
+    if folds < 2 or permutations < 2:
+        raise _BadInput("--folds and --permutations must be at least 2")
+    say = _progress(as_json)
+    outcome = run_probe(
+        scan=open_scan(scan_dir) if scan_dir else None, model_ref=model_ref,
+        stimuli_path=None if scan_dir else (stimuli_path or _default_stimuli()), site=site, target=target,
+        folds=folds, permutations=permutations, twin=not no_twin, seed=seed, say=say,
+        scan_progress=ProgressBar("scan", enabled=None if not as_json else False),
+        probe_progress=_layer_progress(as_json),
+    )
+    record = outcome.to_dict()
+    if out_dir:
+        _save_probe(out_dir, outcome, record)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        _print_probe(record, out_dir)
+
+
+def _open_pair(scan_a: Path, scan_b: Path | None, site: str):
+    """Two scans (or one) of the same stimuli, and the site's arrays."""
+    from .store import open_scan
+
+    first = open_scan(scan_a)
+    second = open_scan(scan_b) if scan_b else None
+    for scan in filter(None, (first, second)):
+        if site not in scan.sites:
+            raise _BadInput(f"{scan.folder} has no site {site!r} (it has {', '.join(scan.sites)}); pass --site")
+    if second is not None and first.stimuli.sha256 != second.stimuli.sha256:
+        raise _BadInput("the two scans used different stimuli; compare scans of the same stimulus set")
+    return first, second
+
+
+def _matrix_summary(name: str, matrix, first, second) -> list[str]:
+    """One line per layer of A: the most similar layer of B (or the neighbouring layer within one scan)."""
+    import numpy as np
+
+    lines = []
+    for row, layer in enumerate(first.layers):
+        if second is None:
+            neighbour = row + 1 if row + 1 < len(first.layers) else row - 1
+            lines.append(f"{layer:>5}  {name} with layer {first.layers[neighbour]:>3}: {matrix[row, neighbour]:.3f}")
+        else:
+            best = int(np.nanargmax(matrix[row]))
+            lines.append(f"{layer:>5}  best match in B: layer {second.layers[best]:>3}  {name} {matrix[row, best]:.3f}")
+    return lines
+
+
+def _save_matrix(out_dir: Path, stem: str, record: dict, arrays: dict, matrix, title: str, first, second) -> None:
+    from .outputs import write_outputs
+    from .plots import heatmap
+
+    write_outputs(out_dir, {f"{stem}.json": record, f"{stem}.npz": arrays})
+    heatmap(Path(out_dir) / f"{stem}.png", matrix, title=title,
+            xlabel=f"layer ({'B' if second else 'A'})", ylabel="layer (A)")
+
+
+@main.command()
+@click.argument("scan_a", type=click.Path(path_type=Path))
+@click.argument("scan_b", required=False, type=click.Path(path_type=Path))
+@click.option("--site", default="resid_post", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record (both matrices) instead of a summary.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Save cka.json, cka.npz and cka.png here.")
+def cka(scan_a, scan_b, site, as_json, out_dir):
+    """Layer x layer linear CKA (and its debiased estimator), within one scan or across two models."""
+    from .analysis.geometry import cka_matrix
+
+    first, second = _open_pair(scan_a, scan_b, site)
+    other = second[site] if second else None
+    biased = cka_matrix(first[site], other)
+    debiased = cka_matrix(first[site], other, debiased=True)
+    record = {"scan_a": str(first.folder), "scan_b": str(second.folder) if second else None, "site": site,
+              "layers_a": first.layers, "layers_b": (second or first).layers,
+              "cka": biased.tolist(), "cka_debiased": debiased.tolist(), "n_stimuli": len(first)}
+    if out_dir:
+        _save_matrix(out_dir, "cka", record, {"cka": biased, "cka_debiased": debiased}, debiased,
+                     f"debiased linear CKA, {site}", first, second)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"linear CKA of {site} over {len(first)} stimuli (debiased; biased in cka.json)")
+        for line in _matrix_summary("CKA", debiased, first, second):
+            click.echo(line)
+
+
+@main.command()
+@click.argument("scan_a", type=click.Path(path_type=Path))
+@click.argument("scan_b", required=False, type=click.Path(path_type=Path))
+@click.option("--site", default="resid_post", show_default=True)
+@click.option("--per-stimulus", is_flag=True, help="RDMs over stimuli instead of over category means.")
+@click.option("--metric", type=click.Choice(["correlation", "euclidean"]), default="correlation", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of a summary.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Save rsa.json, rsa.npz and rsa.png here.")
+def rsa(scan_a, scan_b, site, per_stimulus, metric, as_json, out_dir):
+    """Representational dissimilarity matrices and their Spearman correlation across layers (or models)."""
+    import numpy as np
+
+    from .analysis.geometry import condition_rdm, rdm, rsa_matrix
+
+    first, second = _open_pair(scan_a, scan_b, site)
+    labels = None if per_stimulus else first.labels
+    matrix = rsa_matrix(first[site], second[site] if second else None, labels=labels, metric=metric)
+    rdms = np.stack([rdm(np.asarray(first.layer(site, layer), np.float64), metric) if per_stimulus else
+                     condition_rdm(np.asarray(first.layer(site, layer), np.float64), first.labels, metric)
+                     for layer in first.layers])
+    record = {"scan_a": str(first.folder), "scan_b": str(second.folder) if second else None, "site": site,
+              "metric": metric, "over": "stimuli" if per_stimulus else "category means",
+              "conditions": None if per_stimulus else list(first.stimuli.categories),
+              "layers_a": first.layers, "layers_b": (second or first).layers, "spearman": matrix.tolist()}
+    if out_dir:
+        _save_matrix(out_dir, "rsa", record, {"spearman": matrix, "rdms_a": rdms}, matrix,
+                     f"RSA (Spearman of RDMs), {site}", first, second)
+    if as_json:
+        click.echo(json.dumps(record))
+    else:
+        click.echo(f"RSA of {site}: Spearman correlation of RDMs over {record['over']} ({metric} distance)")
+        for line in _matrix_summary("rho", matrix, first, second):
+            click.echo(line)
+
+
+def _layer_progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+    return lambda done, total: click.echo(f"\rmlxscan: probed {done}/{total} layers", err=True, nl=done == total)
+
+
+def _save_probe(out_dir: Path, outcome, record: dict) -> None:
+    from .outputs import write_outputs
+    from .plots import line_plot
+
+    layers = [row["layer"] for row in record["layers"]]
+    series = {"trained": ([row["accuracy"] for row in record["layers"]], _bands(record["layers"], "ci"))}
+    if record["span_twin"] is not None:
+        series["untrained twin"] = ([row["twin_accuracy"] for row in record["layers"]], _bands(record["layers"], "twin_ci"))
+    write_outputs(out_dir, {"probe.json": record, "probe_arrays.npz": outcome.arrays})
+    line_plot(Path(out_dir) / "probe.png", layers, series, title=f"{record['target']} decoding by layer: {record['model']}",
+              xlabel="layer", ylabel="accuracy (word-grouped CV)", hlines={"chance": record["chance"]}, ylim=(0, 1))
+
+
+def _bands(rows, key):
+    return ([row[key][0] for row in rows], [row[key][1] for row in rows])
+
+
+def _print_probe(record: dict, out_dir) -> None:
+    twin = record["span_twin"] is not None
+    click.echo(f"{record['model']}  site {record['site']}  target {record['target']} ({len(record['classes'])} classes, "
+               f"chance {record['chance']:.3f})  {record['folds']} word-grouped folds, {record['permutations']} permutations")
+    header = f"{'layer':>5}  {'accuracy':>8}  {'95% CI':>16}  {'AUC':>5}  {'p':>8}"
+    click.echo(header + ("  " + f"{'twin acc':>8}  {'twin p':>8}" if twin else ""))
+    for row in record["layers"]:
+        line = (f"{row['layer']:>5}  {row['accuracy']:>8.3f}  [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]  "
+                f"{row['auc']:>5.3f}  {row['p']:>8.1e}")
+        if twin:
+            line += f"  {row['twin_accuracy']:>8.3f}  {row['twin_p']:>8.1e}"
+        click.echo(line)
+    spans = f"decodable layer-span (Holm-corrected p < 0.05): trained {record['span_trained']:.2f}"
+    if twin:
+        spans += f", untrained twin {record['span_twin']:.2f}"
+    click.echo(spans)
+    depth = record["depth"]
+    click.echo(f"depth questions at layer {depth['layer']}: see --json (rank-1, retention, nonlinear gap)")
+    if out_dir:
+        click.echo(f"saved probe.json, probe_arrays.npz and probe.png in {out_dir}")
+
+
 def _print_verify(report) -> None:
     click.echo(f"model      {report.model}   ({report.n_texts} texts, {report.n_tokens} tokens; BLAS: {report.blas})")
     click.echo(f"embed      rel err {report.embed_rel_err:.2e}")

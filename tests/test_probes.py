@@ -1,0 +1,237 @@
+"""Probes on synthetic activations with planted answers (NumPy and scikit-learn only; no mlx)."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import PredefinedSplit, StratifiedKFold, cross_val_predict, cross_val_score
+
+from mlxscan.analysis import probes
+from mlxscan.analysis.probes import (concept_rank, decodable_span, holm_reject, linear_probe, make_folds, mlp_gap,
+                                     permute_labels_by_group, probe_layers, retention)
+from mlxscan.errors import MlxscanError
+
+
+def words_and_labels(n_classes, words_per_class, frames):
+    """y and groups for n_classes x words_per_class words, each seen in `frames` sentences."""
+    word_class = np.repeat(np.arange(n_classes), words_per_class)  # [n_words]
+    word = np.repeat(np.arange(len(word_class)), frames)  # [n]
+    return word_class[word], np.array([f"w{w}" for w in word]), word
+
+
+def planted_layers(seed, strengths, n_classes=4, words_per_class=6, frames=6, width=16, word_sd=0.5):
+    """X [n, n_layers, width]: in layer l, class c sits strengths[l] along its own random unit direction,
+    plus a per-word offset (so words differ within a class) and unit noise per stimulus."""
+    rng = np.random.default_rng(seed)
+    y, groups, word = words_and_labels(n_classes, words_per_class, frames)
+    layers = []
+    for strength in strengths:
+        directions = rng.standard_normal((n_classes, width))
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        word_offset = word_sd * rng.standard_normal((word.max() + 1, width))
+        layers.append(strength * directions[y] + word_offset[word] + rng.standard_normal((len(y), width)))
+    return np.stack(layers, axis=1), y, groups
+
+
+def test_planted_signal_is_found_and_noise_is_not():
+    X, y, groups = planted_layers(1, strengths=[4.0, 3.0, 0.0, 0.0])
+    report = probe_layers(X, y, groups, permutations=20, n_jobs=1)
+    signal, noise = report.layers[:2], report.layers[2:]
+    assert report.chance == 0.25 and report.majority_rate == 0.25 and report.n_classes == 4
+    for layer in signal:
+        assert layer.accuracy > 0.8 and layer.accuracy_ci[0] > 0.7 and layer.auc > 0.95
+        assert layer.p_empirical == 1 / 21  # the floor 1 / (permutations + 1): no null run came close
+        assert layer.p_gaussian < 1e-6
+    for layer in noise:
+        assert layer.accuracy_ci[0] <= report.chance <= layer.accuracy_ci[1]
+        assert layer.auc_ci[0] <= 0.5 <= layer.auc_ci[1]
+        assert layer.p_empirical > 0.1 and layer.p_gaussian > 0.05
+        assert abs(layer.null_mean - report.chance) < 0.05
+    assert decodable_span([layer.p_gaussian for layer in signal]) == 1.0
+    assert report.decodable_span() == 0.5  # the two signal layers of four, the noise layers not counted
+
+
+def test_word_identity_leaks_through_ungrouped_folds_only():
+    # Every word is its own random vector and category is only a lookup from the word: a probe can
+    # learn word -> category from a word's other sentences, which grouped folds never show it.
+    rng = np.random.default_rng(1)
+    y, groups, word = words_and_labels(n_classes=4, words_per_class=8, frames=6)
+    X = 4.0 * rng.standard_normal((word.max() + 1, 48))[word] + rng.standard_normal((len(y), 48))
+    ungrouped = cross_val_score(linear_probe(), X, y, cv=StratifiedKFold(5, shuffle=True, random_state=0)).mean()
+    report = probe_layers(X[:, None, :], y, groups, permutations=20, n_jobs=1)
+    grouped = report.layers[0]
+    assert ungrouped > 0.9
+    assert grouped.accuracy_ci[0] <= 0.25 <= grouped.accuracy_ci[1] and grouped.accuracy < 0.45
+    assert grouped.p_gaussian > 0.05
+
+
+def test_accuracy_equals_a_plain_scikit_learn_fit():
+    X, y, groups = planted_layers(2, strengths=[1.0, 1.5])
+    report = probe_layers(X, y, groups, layers=[1], permutations=0, n_jobs=1)
+    folds = PredefinedSplit(report.fold_of)
+    features = X[:, 1].astype(np.float64)
+    predicted = cross_val_predict(linear_probe(), features, y, cv=folds)
+    probabilities = cross_val_predict(linear_probe(), features, y, cv=folds, method="predict_proba")
+    assert report.layers[0].accuracy == np.mean(predicted == y)
+    np.testing.assert_array_equal(report.oof_probabilities[0], probabilities)
+    assert report.layers[0].auc == roc_auc_score(y, probabilities, multi_class="ovr", average="macro")
+
+
+def test_parallel_fits_give_the_same_report_and_memory_maps_work(tmp_path):
+    X, y, groups = planted_layers(3, strengths=[2.0, 0.0])
+    path = tmp_path / "x.npy"
+    np.save(path, X.astype(np.float32))
+    mapped = np.load(path, mmap_mode="r")  # read-only, as a scan hands it over
+    seen = []
+    parallel = probe_layers(mapped, y, groups, permutations=4, n_jobs=2, progress=lambda *a: seen.append(a))
+    sequential = probe_layers(mapped, y, groups, permutations=4, n_jobs=1)
+    assert parallel.layers == sequential.layers
+    np.testing.assert_array_equal(parallel.null_accuracies, sequential.null_accuracies)
+    assert seen == [(1, 2), (2, 2)]
+
+
+def test_report_serializes_and_exposes_its_arrays():
+    X, y, groups = planted_layers(4, strengths=[2.0, 0.0, 1.0])
+    report = probe_layers(X, y, groups, layers=[0, 2], permutations=3, n_jobs=1)
+    summary = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert [layer["layer"] for layer in summary["layers"]] == [0, 2]
+    arrays = report.arrays()
+    assert arrays["oof_probabilities"].shape == (2, len(y), 4)
+    assert arrays["null_accuracies"].shape == (2, 3)
+    assert arrays["fold_of"].shape == (len(y),)
+    np.testing.assert_allclose(arrays["oof_probabilities"].sum(axis=2), 1.0)
+    no_null = probe_layers(X, y, groups, layers=[0], permutations=0, n_jobs=1)
+    assert np.isnan(no_null.layers[0].p_gaussian)
+    json.dumps(no_null.to_dict(), allow_nan=False)  # NaN p-values become null
+
+
+def test_folds_keep_each_word_on_one_side_and_balance_classes():
+    y, groups, _ = words_and_labels(n_classes=10, words_per_class=12, frames=10)  # the category study's design
+    fold_of = make_folds(y, groups, folds=5, seed=0)
+    for word in np.unique(groups):
+        assert len(np.unique(fold_of[groups == word])) == 1
+    for fold in range(5):
+        counts = np.bincount(y[fold_of == fold], minlength=10)
+        assert counts.min() >= 20 and counts.max() <= 30  # 2 or 3 of each class's 12 words per fold
+
+
+def test_permuted_labels_move_whole_words():
+    y, groups, _ = words_and_labels(n_classes=3, words_per_class=5, frames=4)
+    rng = np.random.default_rng(0)
+    changed = False
+    for _ in range(10):
+        permuted = permute_labels_by_group(y, groups, rng)
+        for word in np.unique(groups):
+            assert len(np.unique(permuted[groups == word])) == 1
+        assert np.array_equal(np.bincount(permuted), np.bincount(y))  # equal-sized words: class sizes kept
+        changed |= not np.array_equal(permuted, y)
+    assert changed
+    mixed = y.copy()
+    mixed[0] = 1 - mixed[0]
+    with pytest.raises(MlxscanError, match="one label per group"):
+        permute_labels_by_group(mixed, groups, rng)
+
+
+def test_holm_by_hand():
+    # m = 4, sorted 0.005 <= .05/4, 0.01 <= .05/3, then 0.03 > .05/2 stops: 0.04 stands though it is < .05.
+    np.testing.assert_array_equal(holm_reject([0.01, 0.04, 0.03, 0.005]), [True, False, False, True])
+    assert decodable_span([0.01, 0.04, 0.03, 0.005]) == 0.5
+    # 0.001 <= .05/3, 0.02 <= .05/2, 0.024 <= .05: all three (Bonferroni, .05/3 each, would keep one).
+    assert decodable_span([0.02, 0.001, 0.024]) == 1.0
+    assert decodable_span([0.5, 0.001, 0.02]) == pytest.approx(2 / 3)
+    assert decodable_span([0.2, 0.3]) == 0.0
+    with pytest.raises(MlxscanError, match="in \\[0, 1\\]"):
+        decodable_span([0.1, float("nan")])
+
+
+def test_weighted_auc_matches_scikit_learn_with_ties_and_duplicates():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 60)
+    scores = np.round(rng.random((60, 3)), 1)  # coarse scores: many ties
+    ours = probes._weighted_ovr_auc(y, scores, np.ones((1, 60)))[0]
+    theirs = [roc_auc_score(y == c, scores[:, c]) for c in range(3)]
+    np.testing.assert_allclose(ours, theirs)
+    # A weight of k counts a stimulus k times: what the cluster bootstrap relies on.
+    weights = rng.integers(0, 3, 60)
+    duplicated = np.repeat(np.arange(60), weights)
+    ours = probes._weighted_ovr_auc(y, scores, weights[None].astype(float))[0]
+    theirs = [roc_auc_score(y[duplicated] == c, scores[duplicated, c]) for c in range(3)]
+    np.testing.assert_allclose(ours, theirs)
+
+
+def test_rank_one_classes_have_ratio_one():
+    X, y, groups = planted_layers(6, strengths=[4.0])
+    result = concept_rank(X[:, 0], y, groups, n_jobs=1)
+    assert result.mean_ratio >= 0.95
+    assert min(result.probe_auc) > 0.9
+
+
+def test_a_class_between_two_others_is_not_one_direction():
+    # Three classes at -2, 0, +2 along one axis: the middle class has no mean difference from the rest,
+    # yet the multinomial probe isolates it with two half-spaces.
+    rng = np.random.default_rng(7)
+    y, groups, word = words_and_labels(n_classes=3, words_per_class=8, frames=6)
+    X = 0.5 * rng.standard_normal((len(y), 8))
+    X[:, 0] += 2.0 * (y - 1) + 0.2 * rng.standard_normal(word.max() + 1)[word]
+    result = concept_rank(X, y, groups, n_jobs=1)
+    assert result.probe_auc[1] > 0.95
+    assert result.single_direction_auc[1] < 0.7 and result.ratio[1] < 0.75
+    assert min(result.ratio[0], result.ratio[2]) > 0.95
+    assert result.mean_ratio < 0.92
+
+
+def test_retention_is_one_on_separable_additive_data():
+    X, y, groups = planted_layers(8, strengths=[4.0])
+    result = retention(X[:, 0], y, groups, n_jobs=1)
+    assert result.mean_retention >= 0.95
+    assert min(result.dedicated_balanced_accuracy) > 0.9
+
+
+def shells(seed, n_classes=3, words_per_class=16, frames=4, width=2):
+    """Class = radius of a point in the first two dimensions (concentric rings): no mean difference at all."""
+    rng = np.random.default_rng(seed)
+    y, groups, word = words_and_labels(n_classes, words_per_class, frames)
+    angle = rng.uniform(0, 2 * np.pi, word.max() + 1)[word]
+    X = 0.15 * rng.standard_normal((len(y), width))
+    X[:, 0] += (1 + y) * np.cos(angle)
+    X[:, 1] += (1 + y) * np.sin(angle)
+    return X, y, groups
+
+
+# Adam takes one or two steps an epoch on 150 stimuli, so max_iter ends the fit before it settles;
+# on a scan (960 training stimuli) it converges in ~40 epochs.
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_mlp_finds_what_no_linear_probe_can():
+    X, y, groups = shells(9)
+    result = mlp_gap(X, y, groups, hidden=64, n_jobs=1)
+    assert result.linear_accuracy < 0.5
+    assert result.mlp_accuracy > 0.75
+    assert result.gap_ci[0] > 0.2
+
+
+def test_mlp_adds_nothing_on_linear_data():
+    X, y, groups = planted_layers(10, strengths=[3.0])
+    result = mlp_gap(X[:, 0], y, groups, hidden=64, n_jobs=1)
+    assert result.linear_accuracy > 0.7
+    assert result.gap_ci[0] <= 0 <= result.gap_ci[1] and result.gap < 0.05
+
+
+def test_bad_input_says_what_is_wrong():
+    X, y, groups = planted_layers(11, strengths=[1.0])
+    with pytest.raises(MlxscanError, match="must match"):
+        probe_layers(X, y[:-1], groups)
+    with pytest.raises(MlxscanError, match="one class only"):
+        probe_layers(X, np.zeros_like(y), groups)
+    with pytest.raises(MlxscanError, match="groups cannot fill 5 folds"):
+        probe_layers(X, y, np.array(["a", "b", "c", "d"])[y])
+    with pytest.raises(MlxscanError, match=r"\[n_stimuli, n_layers, width\]"):
+        probe_layers(X[:, 0], y, groups)
+    with pytest.raises(MlxscanError, match="positions in 0..0"):
+        probe_layers(X, y, groups, layers=[3])
+    with pytest.raises(MlxscanError, match="at least 2 words per class"):
+        concept_rank(X[:, 0], np.r_[np.zeros(6, int), np.ones(len(y) - 6, int)], groups)
+    broken = X.copy()
+    broken[0, 0, 0] = np.nan
+    with pytest.raises(MlxscanError, match="layer 0 holds NaN"):
+        probe_layers(broken, y, groups, permutations=0, n_jobs=1)
