@@ -328,7 +328,11 @@ def _print_probe(record: dict, out_dir) -> None:
         spans += f", untrained twin {record['span_twin']:.2f}"
     click.echo(spans)
     depth = record["depth"]
-    click.echo(f"depth questions at layer {depth['layer']}: see --json (rank-1, retention, nonlinear gap)")
+    gap = depth["mlp_gap"]
+    click.echo(f"at the best layer ({depth['layer']}): one direction per category reaches "
+               f"{depth['rank']['mean_ratio']:.3f} of the full probe's AUC (rank-1 if ~1); a shared probe keeps "
+               f"{depth['retention']['mean_retention']:.3f} of dedicated probes' accuracy; MLP probe minus linear "
+               f"{gap['gap']:+.3f} [{gap['gap_ci'][0]:+.3f}, {gap['gap_ci'][1]:+.3f}]")
     if out_dir:
         click.echo(f"saved probe.json, probe_arrays.npz and probe.png in {out_dir}")
 

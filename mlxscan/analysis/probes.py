@@ -45,9 +45,19 @@ MLP_MAX_ITER = 500
 # Results
 
 
-def _json_float(value):
-    """NaN and infinity are not JSON: they become null."""
-    return value if value is None or math.isfinite(value) else None
+def _jsonable(value):
+    """Tuples become lists, NumPy scalars Python ones, and NaN or infinity (not JSON) null."""
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _summary(result) -> dict:
+    return {key: _jsonable(value) for key, value in asdict(result).items()}
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,7 @@ class LayerProbe:
     null_sd: float
 
     def to_dict(self) -> dict:
-        return {key: (_json_float(value) if isinstance(value, float) else
-                      [_json_float(v) for v in value] if isinstance(value, tuple) else value)
-                for key, value in asdict(self).items()}
+        return _summary(self)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: the arrays have no single truth value
@@ -99,10 +107,11 @@ class ProbeReport:
         """JSON-able summary, without the big arrays (see `arrays`)."""
         return {
             "layers": [layer.to_dict() for layer in self.layers],
-            "classes": [c.item() if isinstance(c, np.generic) else c for c in self.classes],
+            "classes": _jsonable(self.classes),
             "chance": self.chance, "majority_rate": self.majority_rate, "n_classes": self.n_classes,
             "folds": self.folds, "permutations": self.permutations, "seed": self.seed, "C": self.C,
-            "span_holm_p_gaussian_0.05": _json_float(self.decodable_span(0.05)) if self.permutations >= 2 else None,
+            "decodable_span": {"fraction": self.decodable_span(0.05) if self.permutations >= 2 else None,
+                               "alpha": 0.05, "correction": "holm", "p_value": "p_gaussian"},
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -114,10 +123,6 @@ class ProbeReport:
             "null_accuracies": self.null_accuracies,
             "fold_of": self.fold_of,
         }
-
-
-def _tuple_dict(result) -> dict:
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(result).items()}
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,7 @@ class RankResult:
     seed: int
 
     def to_dict(self) -> dict:
-        return _tuple_dict(self)
+        return _summary(self)
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,7 @@ class RetentionResult:
     seed: int
 
     def to_dict(self) -> dict:
-        return _tuple_dict(self)
+        return _summary(self)
 
 
 @dataclass(frozen=True)
@@ -165,7 +170,7 @@ class GapResult:
     seed: int
 
     def to_dict(self) -> dict:
-        return _tuple_dict(self)
+        return _summary(self)
 
 
 # ---------------------------------------------------------------------------------------------

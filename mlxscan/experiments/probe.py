@@ -31,6 +31,7 @@ class ProbeOutcome:
     span_twin: float | None
     depth: dict
     scans: dict[str, str]
+    layer_numbers: list[int]  # model layer of each probed position (scans may hold a subset of layers)
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
@@ -39,7 +40,7 @@ class ProbeOutcome:
         for item in self.trained.layers:
             twin_item = twin_layers.get(item.layer)
             layers.append({
-                "layer": item.layer, "accuracy": item.accuracy, "ci": list(item.accuracy_ci), "auc": item.auc,
+                "layer": self.layer_numbers[item.layer], "accuracy": item.accuracy, "ci": list(item.accuracy_ci), "auc": item.auc,
                 "auc_ci": list(item.auc_ci), "p": item.p_gaussian, "p_empirical": item.p_empirical,
                 "twin_accuracy": twin_item.accuracy if twin_item else None,
                 "twin_ci": list(twin_item.accuracy_ci) if twin_item else None,
@@ -84,8 +85,8 @@ def _plain(result, classes) -> dict:
     for key, value in (result.to_dict() if hasattr(result, "to_dict") else vars(result)).items():
         if isinstance(value, np.ndarray):
             value = value.tolist()
-        if isinstance(value, list) and len(value) == len(classes) and key.startswith("per_"):
-            value = dict(zip(classes, value))
+        if key == "classes":
+            value = [classes[int(index)] for index in value]
         out[key] = value
     return out
 
@@ -112,8 +113,9 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
     y, classes = labels_for(scan, target)
     groups = scan.groups
     say(f"probing {len(scan.layers)} layers ({folds} group folds by word, {permutations} permutations)")
-    trained = probe_layers(scan[site], y, groups, layers=scan.layers, folds=folds, permutations=permutations,
-                           seed=seed, progress=probe_progress)
+    # probe_layers indexes positions along the scan's layer axis; layer_numbers maps them back.
+    trained = probe_layers(scan[site], y, groups, folds=folds, permutations=permutations, seed=seed,
+                           progress=probe_progress)
     twin_report, twin_scan = None, None
     if twin:
         if model is None:
@@ -123,9 +125,9 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
         say(f"scanning the untrained twin (seed {seed}; cached)")
         twin_scan = cached_scan(twin_model, scan.stimuli, settings, progress=scan_progress)
         say("probing the twin the same way")
-        twin_report = probe_layers(twin_scan[site], y, groups, layers=twin_scan.layers, folds=folds,
-                                   permutations=permutations, seed=seed, progress=probe_progress)
-    best = max(trained.layers, key=lambda item: item.accuracy).layer
+        twin_report = probe_layers(twin_scan[site], y, groups, folds=folds, permutations=permutations, seed=seed,
+                                   progress=probe_progress)
+    best = scan.layers[max(trained.layers, key=lambda item: item.accuracy).layer]
     say(f"depth questions at the best layer ({best})")
     depth = {"layer": best, **depth_questions(np.asarray(scan.layer(site, best), np.float64), y, groups,
                                                folds=folds, seed=seed, classes=classes)}
@@ -138,5 +140,5 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
         twin=twin_report, span_trained=decodable_span([item.p_gaussian for item in trained.layers]),
         span_twin=None if twin_report is None else decodable_span([item.p_gaussian for item in twin_report.layers]),
         depth=depth, scans={"trained": str(scan.folder), "twin": str(twin_scan.folder) if twin_scan else None},
-        arrays=arrays,
+        layer_numbers=list(scan.layers), arrays=arrays,
     )
