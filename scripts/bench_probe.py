@@ -1,0 +1,67 @@
+"""Where the time of a default `mlxscan probe` goes: each stage timed, in one run.
+
+    .venv/bin/python scripts/bench_probe.py [--permutations 20] [--fresh]
+
+Stages: load the model; scan it (1,200 stimuli, resid_post, all layers, word pooling); build the
+untrained twin; scan the twin; probe both (30 layers x 5 word-grouped folds x (1 + permutations)
+logistic fits, two at a time); the depth questions at the best layer. Scans are cached between
+runs; --fresh puts the cache in a new temporary folder so the scans are timed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--permutations", type=int, default=20)
+    parser.add_argument("--fresh", action="store_true", help="time the scans too (empty scan cache)")
+    args = parser.parse_args()
+    if args.fresh:
+        os.environ["MLXSCAN_CACHE"] = tempfile.mkdtemp(prefix="mlxscan-bench-")
+
+    import numpy as np
+
+    import mlxscan  # first: the fast BLAS before mlx
+    from mlxscan.analysis.probes import probe_layers
+    from mlxscan.capture.scan import ScanSettings, cached_scan
+    from mlxscan.experiments.probe import depth_questions
+    from mlxscan.models.twin import make_twin
+    from mlxscan.stimuli import load_stimuli
+
+    stages = {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        stages[name] = time.perf_counter() - start
+        print(f"{name:<28} {stages[name]:7.1f} s", flush=True)
+        return value
+
+    stimuli = load_stimuli(ROOT / "stimuli" / "categories.jsonl")
+    settings = ScanSettings(sites=("resid_post",), pool="word")
+    model = timed("load model", lambda: mlxscan.load())
+    scan = timed("scan trained", lambda: cached_scan(model, stimuli, settings))
+    twin = timed("build twin", lambda: make_twin(model, seed=0))
+    twin_scan = timed("scan twin", lambda: cached_scan(twin, stimuli, settings))
+    y, groups = scan.labels, scan.groups
+    report = timed("probe trained", lambda: probe_layers(scan["resid_post"], y, groups, permutations=args.permutations))
+    timed("probe twin", lambda: probe_layers(twin_scan["resid_post"], y, groups, permutations=args.permutations))
+    best = max(report.layers, key=lambda item: item.accuracy).layer
+    timed("depth questions", lambda: depth_questions(np.asarray(scan.layer("resid_post", best), np.float64), y, groups,
+                                                     folds=5, seed=0, classes=list(stimuli.categories)))
+    print(f"{'total':<28} {sum(stages.values()):7.1f} s   ({len(stimuli)} stimuli, {model.n_layers} layers, "
+          f"{args.permutations} permutations, scans {'timed' if args.fresh else 'from the cache if present'})")
+
+
+if __name__ == "__main__":
+    main()
