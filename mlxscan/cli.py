@@ -194,6 +194,9 @@ def _open_pair(scan_a: Path, scan_b: Path | None, site: str):
     first = open_scan(scan_a)
     second = open_scan(scan_b) if scan_b else None
     for scan in filter(None, (first, second)):
+        if scan.pool == "all":
+            raise _BadInput(f"{scan.folder} is a token-level scan (--pool all); geometry needs one vector per "
+                            "stimulus: scan with --pool word, last or mean")
         if site not in scan.sites:
             raise _BadInput(f"{scan.folder} has no site {site!r} (it has {', '.join(scan.sites)}); pass --site")
     if second is not None and first.stimuli.sha256 != second.stimuli.sha256:
@@ -208,9 +211,15 @@ def _matrix_summary(name: str, matrix, first, second) -> list[str]:
     lines = []
     for row, layer in enumerate(first.layers):
         if second is None:
+            if len(first.layers) == 1:
+                lines.append(f"{layer:>5}  one layer recorded: nothing to compare it with")
+                continue
             neighbour = row + 1 if row + 1 < len(first.layers) else row - 1
             lines.append(f"{layer:>5}  {name} with layer {first.layers[neighbour]:>3}: {matrix[row, neighbour]:.3f}")
         else:
+            if np.all(np.isnan(matrix[row])):  # a constant layer (e.g. all zeros) has no defined similarity
+                lines.append(f"{layer:>5}  undefined (constant activations)")
+                continue
             best = int(np.nanargmax(matrix[row]))
             lines.append(f"{layer:>5}  best match in B: layer {second.layers[best]:>3}  {name} {matrix[row, best]:.3f}")
     return lines
@@ -353,6 +362,9 @@ def _print_verify(report) -> None:
     click.echo(f"{verdict}: worst relative error {max([report.logits_rel_err, *report.hidden_rel_err]):.2e} "
                f"(tolerance {report.tolerance:.0e})")
 
+
+# Commands of later capabilities live in their own modules and register themselves on `main`.
+from . import cli_causal, cli_units  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -53,7 +53,7 @@ class Stimulus:
 class StimulusSet:
     path: Path | None  # None for a set built in memory
     stimuli: tuple[Stimulus, ...]
-    sha256: str  # of the file's bytes; for a set built in memory, of its canonical JSONL
+    sha256: str  # of the canonical JSONL: the same stimuli have one identity however the file is formatted
 
     def __len__(self) -> int:
         return len(self.stimuli)
@@ -133,7 +133,8 @@ def load_stimuli(path: str | Path) -> StimulusSet:
     stimuli = checker.result(str(path))
     if not stimuli:
         raise MlxscanError(f"{path} holds no stimuli; write one JSON object a line")
-    return StimulusSet(path=path, stimuli=stimuli, sha256=hashlib.sha256(data).hexdigest())
+    digest = hashlib.sha256(_canonical_jsonl(stimuli).encode("utf-8")).hexdigest()
+    return StimulusSet(path=path, stimuli=stimuli, sha256=digest)
 
 
 def find_word(word: str, text: str) -> tuple[int, int] | None:

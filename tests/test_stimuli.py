@@ -180,7 +180,9 @@ def test_good_file_loads_with_defaults_spans_and_hash(tmp_path):
     first, second = stimuli
     assert (first.word_span, first.frame, first.group, first.line) == ((2, 5), "f1", "cat", 1)
     assert (second.word_span, second.frame, second.group, second.line) == ((6, 10), None, "dog", 3)
-    assert stimuli.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # The hash is of the content, not the bytes: BOM, CRLF and blank lines do not change it.
+    assert stimuli.sha256 == hashlib.sha256(stimuli.to_jsonl().encode()).hexdigest()
+    assert stimuli.sha256 == StimulusSet.from_records([json.loads(line) for line in lines if line]).sha256
     assert stimuli.path == path and stimuli[1] is second and len(stimuli) == 2
 
 

@@ -117,7 +117,7 @@ class ProbeReport:
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays behind the numbers, named for np.savez."""
         return {
-            "layers": np.array([layer.layer for layer in self.layers]),
+            "layer_positions": np.array([layer.layer for layer in self.layers]),  # along the scan's layer axis
             "classes": np.asarray(self.classes),
             "oof_probabilities": self.oof_probabilities,
             "null_accuracies": self.null_accuracies,

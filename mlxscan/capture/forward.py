@@ -47,7 +47,8 @@ class _Taps:
             self.effects.append((intervention, site, layer, change / mx.maximum(size, 1e-30), mx.sum(weight)))
             x = changed
         if site in self.record_sites and (layer is None or layer in self.record_layers):
-            self.recorded[site].append(x if self.pool_weights is None else mx.sum(x * self.pool_weights, axis=1))
+            weights = self.pool_weights.get(site) if isinstance(self.pool_weights, dict) else self.pool_weights
+            self.recorded[site].append(x if weights is None else mx.sum(x * weights, axis=1))
         return x
 
     def _positions(self, positions, seq_len: int) -> mx.array | None:
@@ -117,12 +118,13 @@ def run_tokens(
     sites: Sequence[str] = (),
     layers: Sequence[int] | None = None,
     interventions: Sequence[Intervention] = (),
-    pool_weights: np.ndarray | None = None,
+    pool_weights: np.ndarray | dict[str, np.ndarray] | None = None,
 ) -> Recording:
     """Run a batch of token-id lists through the model, recording `sites` at `layers`.
 
     pool_weights [batch, seq] (zero on padding) pools every recorded site over tokens inside MLX,
     so a scan never holds token-level arrays: pooled sites come back as [batch, layers, width].
+    A dict {site: weights} pools each site its own way (sites missing from it stay token-level).
     """
     sites = tuple(dict.fromkeys(check_site(site) for site in sites))
     # Sorted and unique: values are recorded in forward order, and `Recording.layers` must say which.
@@ -151,7 +153,11 @@ def run_tokens(
     needed += [l for i in interventions for l in i.layers if l is not None]
     last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
 
-    pooling = None if pool_weights is None else mx.array(np.asarray(pool_weights, np.float32)[:, :seq_len, None])
+    def as_pooling(weights):
+        return None if weights is None else mx.array(np.asarray(weights, np.float32)[:, :seq_len, None])
+
+    pooling = ({site: as_pooling(weights) for site, weights in pool_weights.items()} if isinstance(pool_weights, dict)
+               else as_pooling(pool_weights))
     taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
     inner = model.module.model
     h = inner.embed_tokens(mx.array(padded))
@@ -172,7 +178,7 @@ def run_tokens(
         values = taps.recorded[site]
         stacked = mx.stack(values, axis=1) if site in LAYER_SITES else values[0]
         array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
-        if pooling is None:
+        if (pooling.get(site) if isinstance(pooling, dict) else pooling) is None:
             mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
             array = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
         arrays[site] = array

@@ -91,6 +91,19 @@ def _plain(result, classes) -> dict:
     return out
 
 
+def _model_of(scan):
+    """The model a scan was made with, loaded as it was then; refuses if its weights have changed since."""
+    from ..models import load
+
+    recorded = scan.manifest["model"]
+    ref = None if recorded["ref"].startswith("bundled:") else recorded["path"]
+    model = load(ref, dtype=recorded["dtype"], dequantize=not recorded["quantized"])
+    if model.weights_sha256() != recorded["sha256"]:
+        raise MlxscanError(f"the model of {scan.folder} ({recorded['path']}) has changed since the scan; "
+                           "rescan it, or pass --no-twin")
+    return model
+
+
 def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, site: str = "resid_post",
               target: str = "category", folds: int = 5, permutations: int = 20, twin: bool = True, seed: int = 0,
               pool: str = "word", say: Callable[[str], None] = lambda message: None, scan_progress=None,
@@ -108,6 +121,9 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
         model = load(model_ref)
         say(f"scanning {model.ref} on {len(stimuli)} stimuli ({site}, pool {pool}; cached)")
         scan = cached_scan(model, stimuli, ScanSettings(sites=(site,), pool=pool), progress=scan_progress)
+    if scan.pool == "all":
+        raise MlxscanError(f"{scan.folder} is a token-level scan (--pool all); probes need one vector per "
+                           "stimulus: scan with --pool word, last or mean")
     if site not in scan.sites:
         raise MlxscanError(f"the scan has no site {site!r} (it has {', '.join(scan.sites)}); pass --site")
     y, classes = labels_for(scan, target)
@@ -119,7 +135,7 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
     twin_report, twin_scan = None, None
     if twin:
         if model is None:
-            model = load(None if scan.manifest["model"]["ref"].startswith("bundled:") else scan.manifest["model"]["path"])
+            model = _model_of(scan)
         twin_model = make_twin(model, seed=seed)
         settings = ScanSettings(sites=(site,), layers=tuple(scan.layers), pool=scan.pool)
         say(f"scanning the untrained twin (seed {seed}; cached)")

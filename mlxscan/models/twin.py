@@ -19,11 +19,11 @@ from .mlx_lm_classes import model_module
 
 
 def _initial_value(name: str, shape: tuple[int, ...], *, std: float, norm_identity: float, rng) -> np.ndarray:
-    module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
-    if module_name.endswith("norm") or module_name.endswith("layernorm"):
-        return np.full(shape, norm_identity, np.float32)
-    if name.endswith(".bias"):
+    if name.endswith(".bias"):  # before the norm test: a LayerNorm's bias is zero, not its gain's identity
         return np.zeros(shape, np.float32)
+    module_name = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+    if module_name.endswith("norm"):
+        return np.full(shape, norm_identity, np.float32)
     return rng.normal(0.0, std, size=shape).astype(np.float32)
 
 
@@ -42,6 +42,7 @@ def make_twin(model, seed: int = 0):
     twin_module.set_dtype(DTYPES[model.dtype])
     twin_module.eval()
     mx.eval(twin_module.parameters())
-    identity = hashlib.sha256(f"twin|{seed}|{std}|{model.weights_sha256()}".encode()).hexdigest()
+    # The version tag changes whenever the init does, so cached twin scans are not reused across inits.
+    identity = hashlib.sha256(f"twin/1|{seed}|{std}|{model.weights_sha256()}".encode()).hexdigest()
     return replace(model, ref=f"twin({model.ref}, seed={seed})", module=twin_module, quantized=False,
                    weights_identity=identity)

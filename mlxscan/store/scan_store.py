@@ -127,6 +127,9 @@ class Scan:
                                "run the same `mlxscan scan` command again to resume it")
         self.manifest = manifest
         self.stimuli = load_stimuli(self.folder / "stimuli.jsonl")
+        if self.stimuli.sha256 != manifest["stimuli"]["sha256"]:
+            raise MlxscanError(f"{self.folder / 'stimuli.jsonl'} was changed after the scan; "
+                               "rerun the scan with --overwrite")
         self._arrays: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
