@@ -115,6 +115,8 @@ def _layers_option(value: str | None):
 @click.option("--model", "model_ref", default=None, help="Hugging Face folder or .gguf file (default: bundled SmolLM2-135M-Instruct).")
 @click.option("--stimuli", "stimuli_path", type=click.Path(path_type=Path), default=None,
               help="Stimulus set (.jsonl; default: stimuli/categories.jsonl).")
+@click.option("--texts", "texts_path", type=click.Path(path_type=Path), default=None,
+              help="A text corpus instead (.txt one text a line, or .jsonl field \"text\"), e.g. stimuli/corpus.txt.")
 @click.option("--sites", default="resid_post", show_default=True, help="Comma-separated per-layer sites.")
 @click.option("--layers", "layers_spec", default=None, help="all (default), 12, 0,5,10 or 4-8.")
 @click.option("--pool", type=click.Choice(["last", "mean", "word", "all"]), default="last", show_default=True,
@@ -126,14 +128,16 @@ def _layers_option(value: str | None):
 @click.option("--overwrite", is_flag=True, help="Replace a different scan already in --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON when done.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder of the scan.")
-def scan(model_ref, stimuli_path, sites, layers_spec, pool, store_dtype, model_dtype, batch_size, overwrite, as_json,
-         out_dir):
-    """Record sites of every stimulus into an on-disk store (resumable; a finished scan is reused)."""
+def scan(model_ref, stimuli_path, texts_path, sites, layers_spec, pool, store_dtype, model_dtype, batch_size,
+         overwrite, as_json, out_dir):
+    """Record sites of every stimulus (or text) into an on-disk store (resumable; a finished scan is reused)."""
     from .capture.scan import ProgressBar, ScanSettings, run_scan
     from .models import load
-    from .stimuli import load_stimuli
+    from .stimuli import load_stimuli, load_texts
 
-    stimuli = load_stimuli(stimuli_path or _default_stimuli())
+    if stimuli_path and texts_path:
+        raise _BadInput("give --stimuli or --texts, not both")
+    stimuli = load_texts(texts_path) if texts_path else load_stimuli(stimuli_path or _default_stimuli())
     settings = ScanSettings(sites=_split_list(sites, "--sites"), layers=_layers_option(layers_spec), pool=pool,
                             store_dtype=store_dtype, batch_size=batch_size)
     model = load(model_ref, dtype=model_dtype)

@@ -9,6 +9,10 @@ A stimulus file is JSONL, one object a line, every field a string:
 
 Loading checks every line and reports all bad ones at once, by line number. Pure Python and NumPy:
 nothing here imports mlx, so analyses can read stimulus sets freely.
+
+A text corpus (`load_texts`: .txt one text a line, or .jsonl with a `text` field) is a stimulus set of
+kind "texts": no target word, no category, each text its own split group. It is what token-level
+recordings (`--pool all`) of running text are made from.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 
 from .errors import MlxscanError
 
-__all__ = ["Stimulus", "StimulusSet", "StimuliError", "find_word", "load_stimuli"]
+__all__ = ["Stimulus", "StimulusSet", "StimuliError", "find_word", "load_stimuli", "load_texts", "read_texts"]
 
 REQUIRED_FIELDS = ("text", "word", "category")
 OPTIONAL_FIELDS = ("frame", "group")
@@ -41,11 +45,11 @@ class StimuliError(MlxscanError):
 @dataclass(frozen=True)
 class Stimulus:
     text: str
-    word: str
-    category: str
+    word: str | None  # None in a text corpus
+    category: str | None  # None in a text corpus
     frame: str | None
     group: str
-    word_span: tuple[int, int]  # characters [start, end) of the word's first whole-word occurrence in `text`
+    word_span: tuple[int, int] | None  # characters [start, end) of the word's first whole-word occurrence in `text`
     line: int  # 1-based line in the file (or position in the record list), for messages
 
 
@@ -57,6 +61,16 @@ class StimulusSet:
 
     def __len__(self) -> int:
         return len(self.stimuli)
+
+    @property
+    def kind(self) -> str:
+        """"stimuli" (text, target word, category) or "texts" (a corpus: text only)."""
+        return "texts" if self.stimuli[0].word is None else "stimuli"
+
+    def _needs_categories(self) -> None:
+        if self.kind == "texts":
+            raise MlxscanError("these are plain texts (a corpus) with no categories; "
+                               "use a stimulus set with `word` and `category` fields for this analysis")
 
     def __iter__(self):
         return iter(self.stimuli)
@@ -75,11 +89,13 @@ class StimulusSet:
     @property
     def categories(self) -> list[str]:
         """The distinct categories, sorted; `labels` index into this list."""
+        self._needs_categories()
         return sorted({stimulus.category for stimulus in self.stimuli})
 
     @property
     def labels(self) -> np.ndarray:
         """[n_stimuli] int64: each stimulus's category as an index into `categories`."""
+        self._needs_categories()
         index = {category: n for n, category in enumerate(self.categories)}
         return np.array([index[stimulus.category] for stimulus in self.stimuli], dtype=np.int64)
 
@@ -206,6 +222,9 @@ def _canonical_jsonl(stimuli) -> str:
     """Fields in a fixed order, `frame` left out when absent, `group` always written."""
     lines = []
     for stimulus in stimuli:
+        if stimulus.word is None:
+            lines.append(json.dumps({"text": stimulus.text}, ensure_ascii=False) + "\n")
+            continue
         record = {"text": stimulus.text, "word": stimulus.word, "category": stimulus.category}
         if stimulus.frame is not None:
             record["frame"] = stimulus.frame
@@ -218,3 +237,45 @@ def _json_type(value) -> str:
     names = {type(None): "null", bool: "true/false", int: "a number", float: "a number",
              list: "a list", dict: "an object"}
     return names.get(type(value), type(value).__name__)
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Texts from a .txt file (one a line) or a .jsonl file (field `text`); bad lines are errors."""
+    path = Path(path)
+    if not path.exists():
+        raise MlxscanError(f"texts file {path} does not exist")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise MlxscanError(f"{path}: texts must be a .txt file (one text a line) or .jsonl (field \"text\")")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise MlxscanError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from error
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if path.suffix == ".jsonl":
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise MlxscanError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise MlxscanError(f"{path}:{number}: each line needs a string field \"text\"")
+        else:
+            text = line
+        if not text.strip():
+            raise MlxscanError(f"{path}:{number}: empty text; remove the line or give it text")
+        texts.append(text)
+    if not texts:
+        raise MlxscanError(f"{path} holds no texts")
+    return texts
+
+
+def load_texts(path: str | Path) -> StimulusSet:
+    """A text corpus as a stimulus set of kind "texts": each text its own stimulus and split group."""
+    texts = read_texts(path)
+    stimuli = tuple(Stimulus(text=text, word=None, category=None, frame=None, group=f"text {number}",
+                             word_span=None, line=number) for number, text in enumerate(texts, start=1))
+    digest = hashlib.sha256(_canonical_jsonl(stimuli).encode("utf-8")).hexdigest()
+    return StimulusSet(path=Path(path), stimuli=stimuli, sha256=digest)

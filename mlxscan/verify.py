@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import MlxscanError
+from .stimuli import read_texts  # noqa: F401  (verify --texts reads texts the way scans do)
 
 DEFAULT_TEXTS = (
     "The capital of France is",
@@ -58,38 +59,6 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     """||actual - expected|| / ||expected|| (Frobenius), in float64."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
-
-
-def read_texts(path: Path) -> list[str]:
-    """Texts from a .txt file (one a line) or a .jsonl file (field `text`); bad lines are errors."""
-    if not path.exists():
-        raise MlxscanError(f"texts file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as error:
-        raise MlxscanError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from error
-    texts = []
-    for number, line in enumerate(lines, start=1):
-        if path.suffix == ".jsonl":
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise MlxscanError(f"{path}:{number}: invalid JSON ({error.msg})") from error
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise MlxscanError(f"{path}:{number}: each line needs a string field \"text\"")
-        elif path.suffix == ".txt":
-            text = line
-        else:
-            raise MlxscanError(f"{path}: texts must be a .txt file (one text a line) or .jsonl (field \"text\")")
-        if not text.strip():
-            raise MlxscanError(f"{path}:{number}: empty text; remove the line or give it text")
-        texts.append(text)
-    if not texts:
-        raise MlxscanError(f"{path} holds no texts")
-    return texts
 
 
 def _reference_source(model, scratch: Path) -> dict:

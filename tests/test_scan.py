@@ -256,6 +256,32 @@ def test_token_level_scan_keeps_every_token_of_every_stimulus(tiny, tmp_path):
             assert error <= 1e-5, f"{site}, stimulus {item}: {error:.2e}"
 
 
+def test_a_text_corpus_scans_token_by_token_and_reopens_as_texts(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river runs north.\nShe paid for two coffees and a muffin.\nWhy do cats sleep?\n")
+    result = run_cli(["--model", tiny.path, "--texts", corpus, "--sites", "mlp_act", "--pool", "all",
+                      "--out", tmp_path / "corpus"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+    scan = open_scan(tmp_path / "corpus")
+    assert scan.manifest["stimuli"]["kind"] == "texts" and scan.manifest["stimuli"]["categories"] is None
+    assert scan.stimuli.texts == corpus.read_text().splitlines() and scan.stimuli.kind == "texts"
+    alone = tiny.run("Why do cats sleep?", sites=["mlp_act"]).unpadded("mlp_act", 0).swapaxes(0, 1)
+    assert max_relative_error(scan.tokens_of("mlp_act", 2), alone) <= 1e-5
+    with pytest.raises(MlxscanError, match="no categories"):
+        scan.labels
+
+
+def test_a_text_corpus_cannot_be_pooled_over_a_target_word(tiny, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The river runs north.\n")
+
+    result = run_cli(["--model", tiny.path, "--texts", corpus, "--pool", "word", "--out", tmp_path / "out"], cwd=tmp_path)
+
+    assert_one_error_line(result, "no target word")
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. The store and its manifest
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from mlxscan.errors import MlxscanError
-from mlxscan.stimuli import StimuliError, StimulusSet, find_word, load_stimuli
+from mlxscan.stimuli import StimuliError, StimulusSet, find_word, load_stimuli, load_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "stimuli" / "categories.jsonl"
@@ -243,3 +243,34 @@ def test_stimuli_module_imports_nothing_heavy():
     imported |= {node.module.split(".")[0] if node.level == 0 else "." + (node.module or "")
                  for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "dataclasses", "hashlib", "json", "pathlib", "re", "numpy", ".errors"}
+
+
+# Text corpora
+
+
+def test_texts_load_from_txt_and_jsonl_as_one_corpus(tmp_path):
+    texts = ["The river runs north.", "Why do cats sleep so much?"]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": t, "source": "x"}) for t in texts) + "\n\n")
+
+    from_txt, from_jsonl = load_texts(tmp_path / "a.txt"), load_texts(tmp_path / "b.jsonl")
+
+    assert from_txt.texts == from_jsonl.texts == texts
+    assert from_txt.sha256 == from_jsonl.sha256 and from_txt.kind == "texts"
+    assert list(from_txt.groups) == ["text 1", "text 2"]  # each text its own split group
+    assert [json.loads(line) for line in from_txt.to_jsonl().splitlines()] == [{"text": t} for t in texts]
+    with pytest.raises(MlxscanError, match="no categories"):
+        from_txt.labels
+
+
+@pytest.mark.parametrize("name, content, phrase", [
+    ("blank.txt", "one\n\nthree\n", "blank.txt:2: empty text"),
+    ("bad.jsonl", '{"text": "one"}\n{"words": "two"}\n', 'bad.jsonl:2: each line needs a string field "text"'),
+    ("table.csv", "text\none\n", "must be a .txt file"),
+    ("empty.txt", "", "holds no texts"),
+])
+def test_bad_text_files_are_one_clear_error(tmp_path, name, content, phrase):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(MlxscanError) as caught:
+        load_texts(tmp_path / name)
+    assert phrase in str(caught.value)

@@ -43,6 +43,10 @@ def tokenize_stimuli(model, stimuli: StimulusSet) -> TokenizedStimuli:
     token_ids, word_tokens, problems = [], [], []
     for stimulus in stimuli:
         ids, offsets = model.tokenizer.encode_with_offsets(stimulus.text)
+        if stimulus.word_span is None:  # a text of a corpus: no target word
+            token_ids.append(ids)
+            word_tokens.append([])
+            continue
         start, end = stimulus.word_span
         covering = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if not covering:
@@ -113,7 +117,8 @@ def _manifest(model, stimuli: StimulusSet, settings: ScanSettings, identity: dic
                   "family": model.family.name, "n_layers": model.n_layers, "d_model": model.d_model,
                   "d_mlp": model.d_mlp, "dtype": model.dtype, "quantized": model.quantized},
         "stimuli": {"path": str(stimuli.path) if stimuli.path else None, "sha256": stimuli.sha256, "n": len(stimuli),
-                    "categories": list(stimuli.categories)},
+                    "kind": stimuli.kind,
+                    "categories": list(stimuli.categories) if stimuli.kind == "stimuli" else None},
         "sites": list(settings.sites),
         "layers": list(settings.layers),
         "pool": settings.pool,
@@ -136,6 +141,8 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
     """
     out = Path(out)
     settings = check_settings(model, settings)
+    if settings.pool == "word" and stimuli.kind == "texts":
+        raise MlxscanError("plain texts have no target word to pool over; use --pool all, last or mean")
     tokenized = tokenize_stimuli(model, stimuli)
     identity = scan_identity(model, stimuli, settings)
     existing = read_manifest(out) if out.exists() else None

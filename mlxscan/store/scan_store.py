@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MlxscanError
-from ..stimuli import StimulusSet, load_stimuli
+from ..stimuli import StimulusSet, load_stimuli, load_texts
 
 FORMAT = "mlxscan-scan/1"
 POOLS = ("last", "mean", "word", "all")
@@ -126,7 +126,8 @@ class Scan:
             raise MlxscanError(f"the scan in {self.folder} is incomplete ({done} of {manifest['stimuli']['n']} stimuli); "
                                "run the same `mlxscan scan` command again to resume it")
         self.manifest = manifest
-        self.stimuli = load_stimuli(self.folder / "stimuli.jsonl")
+        loader = load_texts if manifest["stimuli"].get("kind") == "texts" else load_stimuli
+        self.stimuli = loader(self.folder / "stimuli.jsonl")
         if self.stimuli.sha256 != manifest["stimuli"]["sha256"]:
             raise MlxscanError(f"{self.folder / 'stimuli.jsonl'} was changed after the scan; "
                                "rerun the scan with --overwrite")
