@@ -159,17 +159,35 @@ class Project(Intervention):
 
 @dataclass(frozen=True, eq=False)
 class Scale(Intervention):
-    """Multiply x by factor, or (with a direction) only its component along that direction."""
+    """Multiply x by factor; with a direction only its component along it, with units only those units."""
 
     factor: float = 1.0
     direction: Sequence[float] | None = None
+    units: Sequence[int] | None = None
+
+    def _factors(self, width: int) -> np.ndarray:
+        """[width] factor on the chosen units, 1 elsewhere (the units checked as Ablate checks them)."""
+        units = np.asarray(self.units, dtype=np.int64).reshape(-1)
+        if units.size == 0:
+            raise MlxscanError(f"{self.describe()}: units is empty; give at least one unit, or units=None for all")
+        if units.min() < -width or units.max() >= width:
+            raise MlxscanError(f"{self.describe()}: unit indices must lie in 0..{width - 1}")
+        factors = np.ones(width, np.float32)
+        factors[units % width] = self.factor
+        return factors
 
     def _check_width(self, width):
+        if self.direction is not None and self.units is not None:
+            raise MlxscanError(f"{self.describe()}: give a direction or units, not both")
+        if self.units is not None:
+            self._factors(width)
         if self.direction is not None:
             _check_vector_width(self, _vector(self.direction, "direction"), width, "direction")
             _unit(_vector(self.direction, "direction"), self)
 
     def transform(self, x):
+        if self.units is not None:
+            return x * mx.array(self._factors(x.shape[-1])).astype(x.dtype)
         if self.direction is None:
             return x * self.factor
         u = _unit(_vector(self.direction, "direction"), self).astype(x.dtype)
