@@ -189,19 +189,22 @@ def _ica_model(ica_out: Path) -> dict:
 
 
 def _save_inhibit(out_dir: Path, result, record: dict) -> None:
+    """inhibit.json, inhibit.npz and a plot of log perplexity (nats per token: one broken network can raise
+    perplexity a thousandfold, which would flatten every other point on a linear axis)."""
+    import numpy as np
+
     from .outputs import write_outputs
     from .plots import line_plot
 
     rows = record["networks"]
-    low = [row["random_mean"] - row["random_sd"] for row in rows]
-    high = [row["random_mean"] + row["random_sd"] for row in rows]
+    random_logs = [np.log(row["random_perplexity"]) for row in rows]
+    mean, sd = np.array([v.mean() for v in random_logs]), np.array([v.std(ddof=1) for v in random_logs])
     write_outputs(out_dir, {"inhibit.json": record, "inhibit.npz": result.arrays()})
     line_plot(Path(out_dir) / "inhibit.png", list(range(len(rows))),
-              {f"network ({record['mode']})": ([row["perplexity"] for row in rows], None),
-               "random neurons (mean, ±1 sd)": ([row["random_mean"] for row in rows], (low, high))},
-              title=f"held-out perplexity, key neurons {record['mode']}: {record['model']}",
-              xlabel="network (position in the table)", ylabel="perplexity",
-              hlines={"baseline": record["baseline_perplexity"]})
+              {f"key neurons ({record['mode']})": (np.log([row["perplexity"] for row in rows]), None),
+               "random neurons (mean +/- 1 sd)": (mean, (mean - sd, mean + sd))},
+              title=f"held-out log perplexity, key neurons {record['mode']}", xlabel="network (row of the table)",
+              ylabel="log perplexity (nats per token)", hlines={"baseline": float(np.log(record["baseline_perplexity"]))})
 
 
 def _print_inhibit(record: dict, out_dir) -> None:
