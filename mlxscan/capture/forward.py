@@ -32,7 +32,7 @@ class _Taps:
         self.valid = valid  # [batch, seq, 1] 1.0 on real tokens
         self.lengths = lengths
         self.recorded: dict[str, list[mx.array]] = {site: [] for site in record_sites}
-        self.pool_weights = pool_weights  # [batch, seq, 1]: recorded values become weighted sums over seq
+        self.pool_weights = pool_weights  # {site: [batch, seq, 1]}: those sites become weighted sums over seq
         self.effects: list[tuple[Intervention, str, int | None, mx.array, mx.array]] = []
 
     def __call__(self, site: str, layer: int | None, x: mx.array) -> mx.array:
@@ -47,7 +47,7 @@ class _Taps:
             self.effects.append((intervention, site, layer, change / mx.maximum(size, 1e-30), mx.sum(weight)))
             x = changed
         if site in self.record_sites and (layer is None or layer in self.record_layers):
-            weights = self.pool_weights.get(site) if isinstance(self.pool_weights, dict) else self.pool_weights
+            weights = self.pool_weights.get(site)
             self.recorded[site].append(x if weights is None else mx.sum(x * weights, axis=1))
         return x
 
@@ -153,11 +153,16 @@ def run_tokens(
     needed += [l for i in interventions for l in i.layers if l is not None]
     last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
 
-    def as_pooling(weights):
-        return None if weights is None else mx.array(np.asarray(weights, np.float32)[:, :seq_len, None])
-
-    pooling = ({site: as_pooling(weights) for site, weights in pool_weights.items()} if isinstance(pool_weights, dict)
-               else as_pooling(pool_weights))
+    # One form inside: {site: [batch, seq, 1]}; each distinct weights array is copied to MLX once.
+    if pool_weights is not None and not isinstance(pool_weights, dict):
+        pool_weights = {site: pool_weights for site in sites}
+    converted: dict[int, mx.array] = {}
+    pooling = {}
+    for site, weights in (pool_weights or {}).items():
+        if weights is not None:
+            if id(weights) not in converted:
+                converted[id(weights)] = mx.array(np.asarray(weights, np.float32)[:, :seq_len, None])
+            pooling[site] = converted[id(weights)]
     taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
     inner = model.module.model
     h = inner.embed_tokens(mx.array(padded))
@@ -178,7 +183,7 @@ def run_tokens(
         values = taps.recorded[site]
         stacked = mx.stack(values, axis=1) if site in LAYER_SITES else values[0]
         array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
-        if (pooling.get(site) if isinstance(pooling, dict) else pooling) is None:
+        if site not in pooling:
             mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
             array = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
         arrays[site] = array
