@@ -156,6 +156,16 @@ def one_blas_thread():
     return threadpool_limits(limits=1)
 
 
+def layer_positions(X: np.ndarray, layers) -> tuple[int, ...]:
+    """Positions along axis 1 of X [n_stimuli, n_layers, width] to analyse (all when layers is None)."""
+    if X.ndim != 3:
+        raise MlxscanError(f"X must be [n_stimuli, n_layers, width], got shape {X.shape}")
+    layers = tuple(range(X.shape[1])) if layers is None else tuple(int(layer) for layer in layers)
+    if not layers or any(not 0 <= layer < X.shape[1] for layer in layers):
+        raise MlxscanError(f"layers must be positions in 0..{X.shape[1] - 1} of X's axis 1; got {list(layers)}")
+    return layers
+
+
 def check_layer(X, name: str = "X") -> np.ndarray:
     X = np.array(X, dtype=np.float64)  # a copy: memory-mapped scans stay read-only and only this layer is read
     if X.ndim != 2:

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import MlxscanError
-from ._by_word import make_splits, one_blas_thread, word_sums, words_of
+from ._by_word import layer_positions, make_splits, one_blas_thread, word_sums, words_of
 
 __all__ = ["class_mean_directions", "probe_directions", "concept_directions", "ConceptDirections"]
 
@@ -141,11 +141,7 @@ def concept_directions(X, y, groups=None, *, layers: Sequence[int] | None = None
     """
 
     X = np.asarray(X)
-    if X.ndim != 3:
-        raise MlxscanError(f"X must be [n_stimuli, n_layers, width], got shape {X.shape}")
-    layers = tuple(range(X.shape[1])) if layers is None else tuple(int(layer) for layer in layers)
-    if not layers or any(not 0 <= layer < X.shape[1] for layer in layers):
-        raise MlxscanError(f"layers must be positions in 0..{X.shape[1] - 1} of X's axis 1; got {list(layers)}")
+    layers = layer_positions(X, layers)
     words = words_of(y, groups, len(X)) if groups is not None else None
     splits = make_splits(words, halvings, seed) if words is not None else None
     means, probes, reliable, shuffled = [], [], [], []

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import MlxscanError
 from .probes import holm_reject
-from ._by_word import check_layer, make_splits, one_blas_thread, word_sums, words_of
+from ._by_word import check_layer, layer_positions, make_splits, one_blas_thread, word_sums, words_of
 from .selectivity import (Replicability, SelectivityNull, _check_counts, _null, _observed, _replicability,
                           _shuffled_labels)
 
@@ -124,11 +124,7 @@ def layer_selectivity(X, y, groups, *, layers: Sequence[int] | None = None, k: i
     after each layer.
     """
     X = np.asarray(X)
-    if X.ndim != 3:
-        raise MlxscanError(f"X must be [n_stimuli, n_layers, width], got shape {X.shape}")
-    layers = tuple(range(X.shape[1])) if layers is None else tuple(int(layer) for layer in layers)
-    if not layers or any(not 0 <= layer < X.shape[1] for layer in layers):
-        raise MlxscanError(f"layers must be positions in 0..{X.shape[1] - 1} of X's axis 1; got {list(layers)}")
+    layers = layer_positions(X, layers)
     _check_counts(k, X.shape[2], permutations, halvings)
     words = words_of(y, groups, len(X))
     shuffled = _shuffled_labels(words, permutations, seed)
