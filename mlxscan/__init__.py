@@ -32,12 +32,18 @@ _EXPORTS = {
     "Ablate": "mlxscan.capture.interventions",
     "Project": "mlxscan.capture.interventions",
     "Scale": "mlxscan.capture.interventions",
+    "Map": "mlxscan.capture.interventions",
+    "AblateHeads": "mlxscan.capture.interventions",
     "ALL_SITES": "mlxscan.capture.sites",
     "LAYER_SITES": "mlxscan.capture.sites",
     "MODEL_SITES": "mlxscan.capture.sites",
+    "HEAD_SITES": "mlxscan.capture.sites",
     "MlxscanError": "mlxscan.errors",
     "open_scan": "mlxscan.store",
     "load_stimuli": "mlxscan.stimuli",
+    "SparseAutoencoder": "mlxscan.sae",
+    "load_sae": "mlxscan.sae",
+    "train_sae": "mlxscan.sae",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

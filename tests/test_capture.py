@@ -19,7 +19,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mlxscan import Ablate, Add, MlxscanError, Project, Scale  # noqa: E402
+from mlxscan import Ablate, Add, Map, MlxscanError, Project, Scale  # noqa: E402
 from mlxscan.capture import forward  # noqa: E402
 
 TEXT = "The quick brown fox jumps over the lazy dog."
@@ -205,6 +205,13 @@ def test_scale_along_a_direction_scales_only_that_component(tiny, tiny_base):
 
     assert_close(along_after, 0.25 * along_before, atol=1e-5)
     assert_close(orthogonal_after, orthogonal_before, atol=1e-5)
+
+
+def test_map_applies_any_function_and_rejects_a_wrong_shape(tiny, tiny_base):
+    after = at(intervened(tiny, Map("mlp_out", 1, fn=lambda x: 0.5 * x + 1.0)), "mlp_out", 1)
+    assert_close(after, 0.5 * at(tiny_base, "mlp_out", 1) + 1.0, atol=1e-6)
+    with pytest.raises(MlxscanError, match=r"must return an MLX array of shape"):
+        tiny.run(TEXT, sites=["mlp_out"], interventions=[Map("mlp_out", 1, fn=lambda x: x[..., :3])])
 
 
 def test_last_position_means_each_sequences_own_last_real_token(tiny):

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import MlxscanError
 from .interventions import Intervention
 from .recording import InterventionEffect, Recording
-from .sites import LAYER_SITES, MODEL_SITES, check_site
+from .sites import HEAD_SITES, LAYER_SITES, MODEL_SITES, check_site, is_layer_site
 
 
 class _Taps:
@@ -35,13 +35,19 @@ class _Taps:
         self.pool_weights = pool_weights  # {site: [batch, seq, 1]}: those sites become weighted sums over seq
         self.effects: list[tuple[Intervention, str, int | None, mx.array, mx.array]] = []
 
+    def wants_heads(self, layer: int) -> bool:
+        """Whether this layer's attention must run explicitly (a head site recorded or intervened on)."""
+        recorded = layer in self.record_layers and any(site in self.record_sites for site in HEAD_SITES)
+        return recorded or any((site, layer) in self.by_place for site in HEAD_SITES)
+
     def __call__(self, site: str, layer: int | None, x: mx.array) -> mx.array:
         for intervention in self.by_place.get((site, layer), ()):
-            where = self._positions(intervention.positions, x.shape[1])
+            where = self._positions(intervention.positions, _token_axis(site, x))
             changed = intervention.transform(x)
             if where is not None:
-                changed = mx.where(where, changed, x)
+                changed = mx.where(_along_tokens(site, where, x), changed, x)
             weight = self.valid if where is None else self.valid * where
+            weight = _along_tokens(site, weight, x)
             change = mx.sqrt(mx.sum(mx.square((changed - x).astype(mx.float32)) * weight))
             size = mx.sqrt(mx.sum(mx.square(x.astype(mx.float32)) * weight))
             self.effects.append((intervention, site, layer, change / mx.maximum(size, 1e-30), mx.sum(weight)))
@@ -61,6 +67,19 @@ class _Taps:
             target = position if position >= 0 else lengths + position
             mask |= columns == target
         return mx.array(mask[..., None])
+
+
+def _token_axis(site: str, x: mx.array) -> int:
+    """Length of the token axis: the query axis of attn_pattern, axis 1 everywhere else."""
+    return x.shape[2] if site == "attn_pattern" else x.shape[1]
+
+
+def _along_tokens(site: str, mask: mx.array, x: mx.array) -> mx.array:
+    """A [batch, seq, 1] token mask shaped to broadcast against the site's value."""
+    batch, seq = mask.shape[:2]
+    if site == "attn_pattern":  # [batch, heads, query, key]: positions are queries
+        return mask.reshape(batch, 1, seq, 1)
+    return mask.reshape(batch, seq, *([1] * (x.ndim - 2)))
 
 
 def _check_positions(interventions, lengths: np.ndarray) -> None:
@@ -83,7 +102,7 @@ def _block(model, block, x, mask, tap, i):
     """
     family = model.family
     x = tap("resid_pre", i, x)
-    attn = block.self_attn(block.input_layernorm(x), mask)
+    attn = _attention(block.self_attn, block.input_layernorm(x), mask, tap, i)
     if family.sandwich_norms:
         attn = block.post_attention_layernorm(attn)
     attn = tap("attn_out", i, attn)
@@ -96,6 +115,50 @@ def _block(model, block, x, mask, tap, i):
         out = block.post_feedforward_layernorm(out)
     out = tap("mlp_out", i, out)
     return tap("resid_post", i, h + out)
+
+
+def _attention(attn, x, mask, tap, i):
+    """mlx-lm's fused attention, or, where a head site is wanted, the same attention spelled out."""
+    if not tap.wants_heads(i):
+        return attn(x, mask)
+    pattern, values = attention_pattern(attn, x, mask)
+    pattern = tap("attn_pattern", i, pattern)  # [batch, heads, query, key]
+    heads = tap("attn_head", i, (pattern @ values).transpose(0, 2, 1, 3))  # [batch, seq, heads, head_dim]
+    return attn.o_proj(heads.reshape(*x.shape[:2], -1))
+
+
+def attention_pattern(attn, x: mx.array, mask) -> tuple[mx.array, mx.array]:
+    """(pattern [batch, heads, query, key], values [batch, heads, key, head_dim]) from mlx-lm's attention.
+
+    What the fused kernel computes, from the module's own projections, RoPE and scale; grouped-query
+    heads share key/value head h // (heads / kv_heads), as in mlx.fast.scaled_dot_product_attention.
+    Gemma 2's attention-logit soft-cap is applied before the mask, as mlx-lm and transformers do.
+    """
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads", "scale")
+    missing = [name for name in needed if not hasattr(attn, name)]
+    if missing or hasattr(attn, "q_norm"):
+        raise MlxscanError(f"attention sites are not supported for {type(attn).__module__}.{type(attn).__name__} "
+                           f"(missing {', '.join(missing) or 'nothing'}; q/k norms unsupported); record other sites")
+    batch, seq, _ = x.shape
+    queries = attn.q_proj(x).reshape(batch, seq, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    keys = attn.k_proj(x).reshape(batch, seq, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    values = attn.v_proj(x).reshape(batch, seq, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    queries, keys = attn.rope(queries), attn.rope(keys)
+    repeats = attn.n_heads // attn.n_kv_heads
+    if repeats > 1:
+        keys, values = mx.repeat(keys, repeats, axis=1), mx.repeat(values, repeats, axis=1)
+    scores = (queries * attn.scale) @ keys.swapaxes(-1, -2)  # [batch, heads, query, key]
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:
+        scores = mx.tanh(scores / cap) * cap
+    if isinstance(mask, str):  # "causal"
+        mask = mx.tril(mx.ones((seq, seq), dtype=mx.bool_))
+    if mask is not None:
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
+        else:
+            scores = scores + mask
+    return mx.softmax(scores, axis=-1, precise=True), values
 
 
 def _masks(model, seq_len: int, dtype):
@@ -119,12 +182,15 @@ def run_tokens(
     layers: Sequence[int] | None = None,
     interventions: Sequence[Intervention] = (),
     pool_weights: np.ndarray | dict[str, np.ndarray] | None = None,
+    resume: tuple[int, np.ndarray] | None = None,
 ) -> Recording:
     """Run a batch of token-id lists through the model, recording `sites` at `layers`.
 
     pool_weights [batch, seq] (zero on padding) pools every recorded site over tokens inside MLX,
     so a scan never holds token-level arrays: pooled sites come back as [batch, layers, width].
     A dict {site: weights} pools each site its own way (sites missing from it stay token-level).
+    resume (layer, resid_pre [batch, seq, d_model]) starts the pass at that layer from a residual an
+    earlier run recorded, skipping what comes before (patching reruns many variants of one prompt).
     """
     sites = tuple(dict.fromkeys(check_site(site) for site in sites))
     # Sorted and unique: values are recorded in forward order, and `Recording.layers` must say which.
@@ -132,11 +198,16 @@ def run_tokens(
     for layer in record_layers:
         if not 0 <= layer < model.n_layers:
             raise MlxscanError(f"layer {layer} does not exist (the model has layers 0..{model.n_layers - 1})")
-    if not record_layers and any(site in LAYER_SITES for site in sites):
+    if not record_layers and any(is_layer_site(site) for site in sites):
         raise MlxscanError("layers=[] records nothing; give at least one layer, or None for all")
+    pooled_heads = [site for site in HEAD_SITES if site in sites and pool_weights is not None
+                    and (not isinstance(pool_weights, dict) or pool_weights.get(site) is not None)]
+    if pooled_heads:
+        raise MlxscanError(f"{', '.join(pooled_heads)} cannot be pooled over tokens; record it token by token")
     for intervention in interventions:
         if not isinstance(intervention, Intervention):
-            raise MlxscanError(f"{intervention!r} is not an intervention (use mlxscan.Add, Ablate, Project or Scale)")
+            raise MlxscanError(f"{intervention!r} is not an intervention "
+                               "(use mlxscan.Add, Ablate, AblateHeads, Project, Scale or Map)")
         intervention.check(model)
 
     lengths = np.array([len(tokens) for tokens in token_lists], dtype=np.int64)
@@ -149,11 +220,44 @@ def run_tokens(
     valid = mx.array(valid_np[..., None].astype(np.float32))
 
     wants_head = "final_norm" in sites or "logits" in sites or any(i.site == "final_norm" for i in interventions)
-    needed = [l for l in record_layers if any(s in LAYER_SITES for s in sites)]
+    needed = [l for l in record_layers if any(is_layer_site(s) for s in sites)]
     needed += [l for i in interventions for l in i.layers if l is not None]
     last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
 
-    # One form inside: {site: [batch, seq, 1]}; each distinct weights array is copied to MLX once.
+    pooling = _pooling(pool_weights, sites, seq_len)
+    taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
+    inner = model.module.model
+    first_layer = _check_resume(resume, sites, record_layers, interventions, (batch, seq_len, model.d_model))
+    if resume is None:
+        h = inner.embed_tokens(mx.array(padded))
+        if model.family.scales_embeddings:
+            h = h * mx.array(model.d_model**0.5, dtype=h.dtype)
+        h = taps("embed", None, h)
+    else:
+        h = mx.array(np.asarray(resume[1], np.float32)).astype(getattr(mx, model.dtype))
+    masks = _masks(model, seq_len, h.dtype)
+    for i in range(first_layer, last_layer + 1):
+        h = _block(model, inner.layers[i], h, masks[i], taps, i)
+    if wants_head:
+        h = taps("final_norm", None, inner.norm(h))
+        if "logits" in sites:
+            taps("logits", None, model.lm_head(h))
+    mx.eval(taps.recorded, [effect[3:] for effect in taps.effects])
+
+    arrays = {site: _to_numpy(site, taps.recorded[site], site in pooling, valid_np) for site in sites}
+    effects = [
+        InterventionEffect(i.describe(), site, layer, float(change.item()), int(touched.item()))
+        for i, site, layer, change, touched in taps.effects
+    ]
+    expected = sum(len(i.layers) for i in interventions)
+    if len(effects) != expected:  # every intervention must have met its site at every layer it names
+        raise MlxscanError(f"internal error: {expected} intervention placements but {len(effects)} were applied")
+    return Recording(arrays=arrays, tokens=[list(t) for t in token_lists], lengths=lengths,
+                     layers=record_layers if any(is_layer_site(s) for s in sites) else (), effects=effects)
+
+
+def _pooling(pool_weights, sites, seq_len: int) -> dict[str, mx.array]:
+    """One form inside: {site: [batch, seq, 1]}; each distinct weights array is copied to MLX once."""
     if pool_weights is not None and not isinstance(pool_weights, dict):
         pool_weights = {site: pool_weights for site in sites}
     converted: dict[int, mx.array] = {}
@@ -163,39 +267,39 @@ def run_tokens(
             if id(weights) not in converted:
                 converted[id(weights)] = mx.array(np.asarray(weights, np.float32)[:, :seq_len, None])
             pooling[site] = converted[id(weights)]
-    taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
-    inner = model.module.model
-    h = inner.embed_tokens(mx.array(padded))
-    if model.family.scales_embeddings:
-        h = h * mx.array(model.d_model**0.5, dtype=h.dtype)
-    h = taps("embed", None, h)
-    masks = _masks(model, seq_len, h.dtype)
-    for i in range(last_layer + 1):
-        h = _block(model, inner.layers[i], h, masks[i], taps, i)
-    if wants_head:
-        h = taps("final_norm", None, inner.norm(h))
-        if "logits" in sites:
-            taps("logits", None, model.lm_head(h))
-    mx.eval(taps.recorded, [effect[3:] for effect in taps.effects])
+    return pooling
 
-    arrays = {}
-    for site in sites:
-        values = taps.recorded[site]
-        stacked = mx.stack(values, axis=1) if site in LAYER_SITES else values[0]
-        array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
-        if site not in pooling:
-            mask = valid_np[:, None, :, None] if site in LAYER_SITES else valid_np[:, :, None]
-            array = np.where(mask, array, 0.0).astype(np.float32)  # zero the padding
-        arrays[site] = array
-    effects = [
-        InterventionEffect(i.describe(), site, layer, float(change.item()), int(touched.item()))
-        for i, site, layer, change, touched in taps.effects
-    ]
-    expected = sum(len(i.layers) for i in interventions)
-    if len(effects) != expected:  # every intervention must have met its site at every layer it names
-        raise MlxscanError(f"internal error: {expected} intervention placements but {len(effects)} were applied")
-    return Recording(arrays=arrays, tokens=[list(t) for t in token_lists], lengths=lengths,
-                     layers=record_layers if any(s in LAYER_SITES for s in sites) else (), effects=effects)
+
+def _to_numpy(site: str, values: list[mx.array], pooled: bool, valid: np.ndarray) -> np.ndarray:
+    """A site's recorded values as one float32 NumPy array, layers stacked on axis 1, padding zeroed."""
+    stacked = mx.stack(values, axis=1) if is_layer_site(site) else values[0]
+    array = np.array(stacked.astype(mx.float32) if stacked.dtype != mx.float32 else stacked)
+    if pooled:
+        return array
+    return np.where(_real_tokens(site, valid), array, 0.0).astype(np.float32)  # zero the padding
+
+
+def _check_resume(resume, sites, record_layers, interventions, shape) -> int:
+    """The first layer to run: 0, or resume's layer once nothing asked for lies before it."""
+    if resume is None:
+        return 0
+    layer, resid = int(resume[0]), np.asarray(resume[1])
+    if resid.shape != shape:
+        raise MlxscanError(f"resume residual has shape {resid.shape}; this batch needs {shape}")
+    early_sites = "embed" in sites or (any(is_layer_site(s) for s in sites) and min(record_layers) < layer)
+    early_changes = any(l is None or l < layer for i in interventions for l in i.layers if i.site != "final_norm")
+    if early_sites or early_changes:
+        raise MlxscanError(f"a run resumed at layer {layer} cannot record or change anything before it")
+    return layer
+
+
+def _real_tokens(site: str, valid: np.ndarray) -> np.ndarray:
+    """valid [batch, seq] shaped against the recorded array: False wherever padding is involved."""
+    if site == "attn_pattern":  # [batch, layers, heads, query, key]
+        return valid[:, None, None, :, None] & valid[:, None, None, None, :]
+    if site == "attn_head":  # [batch, layers, seq, heads, head_dim]
+        return valid[:, None, :, None, None]
+    return valid[:, None, :, None] if site in LAYER_SITES else valid[:, :, None]
 
 
 MODEL_LEVEL_SITES = tuple(MODEL_SITES)

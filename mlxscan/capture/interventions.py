@@ -9,7 +9,7 @@ intervention changed what it touched (the silent no-op is the field's most repor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -57,7 +57,10 @@ class Intervention:
                 raise MlxscanError(f"{self.describe()}: layer {layer} does not exist (0..{model.n_layers - 1})")
         if self.site == "logits":
             raise MlxscanError("interventions on logits are not supported; intervene on final_norm instead")
-        self._check_width(site_width(model, self.site))
+        width = site_width(model, self.site)
+        if width is None and not isinstance(self, Map):
+            raise MlxscanError(f"{self.describe()}: site {self.site!r} has no fixed width; only Map can change it")
+        self._check_width(width)
 
     def _check_width(self, width: int) -> None:
         pass
@@ -192,3 +195,72 @@ class Scale(Intervention):
             return x * self.factor
         u = _unit(_vector(self.direction, "direction"), self).astype(x.dtype)
         return x + (self.factor - 1.0) * (x @ u)[..., None] * u
+
+
+@dataclass(frozen=True, eq=False)
+class Map(Intervention):
+    """x -> fn(x), any function of the site's value [batch, seq, width] as an MLX array of the same shape.
+
+    For what the fixed records cannot say: an SAE's reconstruction spliced in, another run's values patched.
+    """
+
+    fn: Callable[[mx.array], mx.array] | None = None
+
+    def _check_width(self, width):
+        if not callable(self.fn):
+            raise MlxscanError(f"{self.describe()}: fn must be a function of the site's value")
+
+    def transform(self, x):
+        out = self.fn(x)
+        if not isinstance(out, mx.array) or tuple(out.shape) != tuple(x.shape):
+            shape = getattr(out, "shape", type(out).__name__)
+            raise MlxscanError(f"{self.describe()}: fn returned {shape}; it must return an MLX array of shape {tuple(x.shape)}")
+        return out.astype(x.dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class AblateHeads(Intervention):
+    """Silence attention heads: their outputs (site attn_head) set to zero, or to a mean [heads, head_dim].
+
+    mean is one row per head of the model, or one per listed head, e.g. the heads' outputs averaged
+    over a reference set of tokens (mean ablation).
+    """
+
+    heads: Sequence[int] = ()
+    mode: str = "zero"
+    mean: np.ndarray | Sequence[Sequence[float]] | None = None
+
+    def check(self, model) -> None:
+        if self.site != "attn_head":
+            raise MlxscanError(f"{self.describe()}: AblateHeads acts on site 'attn_head', not {self.site!r}")
+        super().check(model)
+        self._fill(model.n_heads, site_width(model, "attn_head"))
+
+    def _fill(self, n_heads: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keep [heads, 1], fill [heads, head_dim]): x * keep + fill ablates the listed heads."""
+        heads = np.asarray(self.heads, dtype=np.int64).reshape(-1)
+        if heads.size == 0 or heads.min() < 0 or heads.max() >= n_heads:
+            raise MlxscanError(f"{self.describe()}: heads must be a non-empty list in 0..{n_heads - 1}")
+        keep = np.ones((n_heads, 1), np.float32)
+        keep[heads] = 0
+        fill = np.zeros((n_heads, head_dim), np.float32)
+        if self.mode == "mean":
+            fill[heads] = self._mean_rows(heads, n_heads, head_dim)
+        elif self.mode != "zero" or self.mean is not None:
+            raise MlxscanError(f"{self.describe()}: mode must be 'zero' (without mean) or 'mean' (with mean=)")
+        return keep, fill
+
+    def _mean_rows(self, heads: np.ndarray, n_heads: int, head_dim: int) -> np.ndarray:
+        if self.mean is None:
+            raise MlxscanError(f"{self.describe()}: mode='mean' needs mean= [heads, head_dim]")
+        mean = np.asarray(self.mean, np.float32)
+        if mean.shape == (n_heads, head_dim):
+            return mean[heads]
+        if mean.shape == (heads.size, head_dim):
+            return mean
+        raise MlxscanError(f"{self.describe()}: mean must be [{n_heads}, {head_dim}] or [{heads.size}, {head_dim}], "
+                           f"got {mean.shape}")
+
+    def transform(self, x):  # x: [batch, seq, heads, head_dim]
+        keep, fill = self._fill(x.shape[2], x.shape[3])
+        return x * mx.array(keep).astype(x.dtype) + mx.array(fill).astype(x.dtype)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .sites import LAYER_SITES
+from .sites import is_layer_site
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,10 @@ class Recording:
         return self.layers.index(layer)
 
     def unpadded(self, site: str, item: int) -> np.ndarray:
-        """One sequence's array without padding: [layers, length, width] or [length, width]."""
+        """One sequence's array without padding: [layers, length, ...], [length, width], or for attn_pattern
+        [layers, heads, length, length]."""
         array = self[site][item]
         length = int(self.lengths[item])
-        return array[:, :length] if site in LAYER_SITES else array[:length]
+        if site == "attn_pattern":
+            return array[:, :, :length, :length]
+        return array[:, :length] if is_layer_site(site) else array[:length]
