@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MlxscanError
+from ._json import jsonable as _jsonable
 
 __all__ = ["FunctionalNetworks", "Consistency", "functional_networks", "split_half_consistency",
            "standardize_signals", "match_maps", "layer_span", "key_neurons_by_layer", "KEY_THRESHOLD"]
@@ -36,18 +37,6 @@ ROW_CHUNK = 512  # tokens per chunk when copying a memory-mapped recording into 
 MAX_ITER = 400
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 @dataclass(frozen=True, eq=False)
