@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import connected_components, shortest_path
 from ..errors import MlxscanError
 from .graph_nulls import NullModelCache, _adjacency, _edges, _from_edges, lattice_reference, random_reference
 from .topography import Topography, topography
+from ._json import jsonable as _jsonable
 
 __all__ = ["SmallWorld", "RichClub", "Modularity", "Topography", "Connectome", "NullModelCache",
            "unit_correlation", "threshold_edges", "clustering", "path_length", "rich_club", "small_world",
@@ -45,14 +46,6 @@ MIN_UNITS = 10  # fewer leave no graph whose clustering or communities mean anyt
 CHUNK_ROWS = 4096  # observations turned to float64 at once: ~65 MB at 2,000 units
 
 
-def _jsonable(value):
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # NaN and infinity are not JSON
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    return value
 
 
 # ---------------------------------------------------------------- correlation and threshold
@@ -169,9 +162,13 @@ class SmallWorld:
     # ω's terms are ≤ 1 by construction only in the limit: L_rand / L exceeds 1 when the graph's (largest
     # component's) paths are shorter than the finite references', so the unclipped value is kept too.
     omega_unclipped: float
+    # Each random reference's transitivity and path length: the spread a test of σ needs (saved as arrays).
+    random_transitivities: tuple[float, ...] = ()
+    random_path_lengths: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
-        return {key: _jsonable(value) for key, value in self.__dict__.items()}
+        per_reference = ("random_transitivities", "random_path_lengths")
+        return {key: _jsonable(value) for key, value in self.__dict__.items() if key not in per_reference}
 
 
 def small_world(adjacency, random_refs, lattice_refs) -> SmallWorld:
@@ -184,14 +181,15 @@ def small_world(adjacency, random_refs, lattice_refs) -> SmallWorld:
         raise MlxscanError("small-worldness needs at least one random and one lattice reference")
     average, transitivity = clustering(adjacency)
     length, component = path_length(adjacency)
-    random_c = np.mean([clustering(ref)[1] for ref in random_refs])  # NumPy floats: x / 0 is inf, not an error
-    random_l = np.mean([path_length(ref)[0] for ref in random_refs])
+    random_cs = tuple(clustering(ref)[1] for ref in random_refs)
+    random_ls = tuple(path_length(ref)[0] for ref in random_refs)
+    random_c, random_l = np.mean(random_cs), np.mean(random_ls)  # NumPy floats: x / 0 is inf, not an error
     lattice_c = max([average] + [clustering(ref)[0] for ref in lattice_refs])
     with np.errstate(divide="ignore", invalid="ignore"):
         sigma = float((transitivity / random_c) / (length / random_l))
         omega = float(random_l / np.float64(length) - (average / lattice_c if lattice_c > 0 else 0.0))
     return SmallWorld(transitivity, average, length, component, float(random_c), float(random_l), lattice_c, sigma,
-                      float(np.clip(omega, -1.0, 1.0)) if math.isfinite(omega) else omega, omega)
+                      float(np.clip(omega, -1.0, 1.0)) if math.isfinite(omega) else omega, omega, random_cs, random_ls)
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,6 +238,7 @@ class Modularity:
     community: np.ndarray  # [n] community of each node: 0 the largest
     q_random: float  # Q that Louvain finds in the first random reference: what chance structure gives
     seed: int
+    random_qs: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [r] Q of every random reference
 
     def to_dict(self) -> dict:
         sizes = np.bincount(self.community)
@@ -258,11 +257,16 @@ def _louvain(A: sp.csr_array, seed: int) -> tuple[np.ndarray, float]:
     return label, float(q)
 
 
-def modularity(adjacency, *, seed: int = 0, random_ref=None) -> Modularity:
-    """Louvain (networkx, seeded so the partition repeats) and Q; with a reference, its Q as well."""
+def modularity(adjacency, *, seed: int = 0, random_ref=None, random_refs=()) -> Modularity:
+    """Louvain (networkx, seeded so the partition repeats) and Q; with references, their Qs as well.
+
+    `random_ref` is one reference, `random_refs` several (the Q of each is kept: the spread of chance
+    structure a test of Q needs); q_random is the first one's Q.
+    """
     label, q = _louvain(_adjacency(adjacency), seed)
-    q_random = _louvain(_adjacency(random_ref), seed)[1] if random_ref is not None else float("nan")
-    return Modularity(q, label, q_random, seed)
+    references = ([random_ref] if random_ref is not None else []) + list(random_refs)
+    random_qs = np.array([_louvain(_adjacency(ref), seed)[1] for ref in references])
+    return Modularity(q, label, float(random_qs[0]) if len(random_qs) else float("nan"), seed, random_qs)
 
 
 # ---------------------------------------------------------------- the whole connectome
@@ -296,7 +300,11 @@ class Connectome:
         return {"units": self.units, "dropped_units": self.dropped_units, "correlation": self.correlation, "edges": self.edges,
                 "community": self.modularity.community, "rich_club": club.coefficient,
                 "rich_club_random": club.random_coefficient, "rich_club_normalized": club.normalized,
-                "rich_club_size": club.club_size}
+                "rich_club_size": club.club_size,
+                # per random reference (the spread σ's and Q's tests need)
+                "random_transitivity": np.array(self.small_world.random_transitivities),
+                "random_path_length": np.array(self.small_world.random_path_lengths),
+                "random_q": self.modularity.random_qs}
 
     def graph(self) -> nx.Graph:
         """The graph with node attributes layer, unit, community and edge attribute weight (r)."""
@@ -347,5 +355,5 @@ def build_connectome(X, *, units=None, density: float = 0.05, sign: str = "posit
     return Connectome(
         units, dropped, correlation.astype(np.float32), edges, cutoff, len(edges) / (n * (n - 1) / 2), sign,
         small_world(A, randoms, lattices), rich_club_curve(A, randoms, min_club=min_club),
-        modularity(A, seed=seed, random_ref=randoms[0]),
+        modularity(A, seed=seed, random_refs=randoms),
         {"density_target": density, "references": references, "swaps": swaps, "seed": seed})
