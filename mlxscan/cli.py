@@ -369,6 +369,7 @@ def _print_verify(report) -> None:
 
 # Commands of later capabilities live in their own modules and register themselves on `main`.
 from . import cli_causal, cli_ica, cli_networks, cli_units  # noqa: E402,F401
+from . import cli_patch, cli_report, cli_sae, cli_snmf, cli_study, cli_wiring  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()
