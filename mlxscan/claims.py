@@ -22,7 +22,7 @@ import numpy as np
 from .errors import MlxscanError
 
 __all__ = ["Claim", "GateThresholds", "VERDICTS", "CORRECTIONS", "judge", "correct", "file_record", "sha256_of",
-           "claims_to_json", "claims_from_json", "thresholds_from_dict"]
+           "claims_record", "claims_to_json", "claims_from_json", "thresholds_from_dict"]
 
 VERDICTS = ("supported", "null", "failed-control")
 CORRECTIONS = ("holm", "bonferroni", "none")
@@ -210,11 +210,15 @@ def file_record(path, root) -> dict:
     return {"path": relative.as_posix(), "sha256": sha256_of(path)}
 
 
+def claims_record(claims: list[Claim], thresholds: GateThresholds | None = None) -> dict:
+    """claims.json's content, JSON-ready (NaN as None): {"thresholds", "n_tests", "claims"}."""
+    return {"thresholds": dataclasses.asdict(thresholds or GateThresholds()), "n_tests": len(claims),
+            "claims": [claim.to_dict() for claim in claims]}
+
+
 def claims_to_json(claims: list[Claim], thresholds: GateThresholds | None = None) -> str:
-    """claims.json's text: {"thresholds", "n_tests", "claims"}."""
-    record = {"thresholds": dataclasses.asdict(thresholds or GateThresholds()), "n_tests": len(claims),
-              "claims": [claim.to_dict() for claim in claims]}
-    return json.dumps(record, indent=2) + "\n"
+    """claims.json's text."""
+    return json.dumps(claims_record(claims, thresholds), indent=2) + "\n"
 
 
 def claims_from_json(source) -> list[Claim]:

@@ -116,7 +116,7 @@ def _staging_parent(out_dir: Path | None) -> Path | None:
 
 def _judge_and_save(sweep, staging: Path, out_dir: Path | None) -> dict:
     """Arrays first (the claims cite their sha256), then the judged record and plots; all moved into --out at the end."""
-    from .claims import claims_to_json, file_record
+    from .claims import claims_record, file_record
     from .experiments.wiring import judge_sweep
     from .outputs import write_outputs
 
@@ -125,7 +125,7 @@ def _judge_and_save(sweep, staging: Path, out_dir: Path | None) -> dict:
     write_outputs(staging, {"wiring.npz": sweep.arrays()})
     judge_sweep(sweep, [file_record(staging / "wiring.npz", staging)])
     record = sweep.to_dict()
-    write_outputs(staging, {"wiring.json": record, "claims.json": json.loads(claims_to_json(sweep.claims))})
+    write_outputs(staging, {"wiring.json": record, "claims.json": claims_record(sweep.claims)})
     _plots(staging, sweep)
     out_dir.mkdir(parents=True, exist_ok=True)
     if (out_dir / "runs").exists():

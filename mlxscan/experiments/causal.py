@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..analysis._json import jsonable
 from ..errors import MlxscanError
 from ..stimuli import StimulusSet
 
@@ -41,20 +42,6 @@ def quiet(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Pure statistics (NumPy only)
 
-
-def jsonable(value):
-    """Plain JSON values: tuples and arrays to lists, NumPy scalars to Python, NaN and infinity to null."""
-    if isinstance(value, dict):
-        return {str(key): jsonable(item) for key, item in value.items()}
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (tuple, list)):
-        return [jsonable(item) for item in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def participation_ratio(X) -> float:

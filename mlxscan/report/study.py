@@ -7,12 +7,12 @@ must show an incomplete study as incomplete, never invent what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..claims import sha256_of
 from ..errors import MlxscanError
 
 # The fields a claim record must carry for the ledger to show its numbers (see mlxscan/claims.py).
@@ -86,13 +86,6 @@ class Study:
     def name(self) -> str:
         return str(self.provenance.get("name") or self.root.name)
 
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _Hasher:

@@ -22,7 +22,7 @@ from typing import Callable
 
 import click
 
-from ..claims import Claim, claims_to_json, judge, sha256_of
+from ..claims import Claim, claims_record, judge, sha256_of
 from ..errors import MlxscanError
 from ..outputs import write_outputs
 from . import provenance
@@ -228,5 +228,5 @@ def study_claims(folder: Path, record: dict, say: Say = lambda message: None) ->
 
 def judge_study(folder: Path, record: dict, gate, say: Say = lambda message: None) -> list[Claim]:
     judged = judge(study_claims(folder, record, say), gate)
-    write_outputs(folder, {CLAIMS_FILE: json.loads(claims_to_json(judged, gate))})  # NaN as null
+    write_outputs(folder, {CLAIMS_FILE: claims_record(judged, gate)})
     return judged
