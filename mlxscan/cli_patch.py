@@ -9,22 +9,11 @@ from pathlib import Path
 import click
 
 from .cli import _BadInput, _layers_option, _progress, main
+from .cli_ica import _stimuli_file
+from .cli_units import _layer_counter
 
 SHIPPED_PAIRS = ("patch_recall.jsonl", "patch_reasoning.jsonl")
 PATCH_SITE_CHOICE = click.Choice(["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn_head"])
-
-
-def _stimuli_file(name: str) -> Path:
-    for folder in (Path(__file__).resolve().parent.parent / "stimuli", Path(__file__).resolve().parent / "data"):
-        if (folder / name).exists():
-            return folder / name
-    raise _BadInput(f"stimuli/{name} not found; pass the file explicitly")
-
-
-def _layer_counter(quiet: bool, label: str):
-    if quiet or not sys.stderr.isatty():
-        return None
-    return lambda done, total: click.echo(f"\rmlxscan: {label} {done}/{total} layers", err=True, nl=done == total)
 
 
 def _checked_layers(model, layers_spec):
@@ -92,7 +81,7 @@ def patch(pair_files, model_ref, site, layers_spec, positions, ablate_heads, abl
 
     if positions is not None and positions < 1:
         raise _BadInput("--positions must be 1 or more")
-    paths = list(pair_files) or [_stimuli_file(name) for name in SHIPPED_PAIRS]
+    paths = list(pair_files) or [_stimuli_file(name, "--pairs") for name in SHIPPED_PAIRS]
     sets = [(path.stem, path, load_pairs(path)) for path in paths]  # every file checked before the model loads
     say = _progress(as_json)
     say("loading the model")
@@ -189,7 +178,7 @@ def attention(model_ref, texts_path, limit, layers_spec, threshold, batch_size, 
         raise _BadInput("--limit must be 0 (all) or more and --batch-size 1 or more")
     if not 0 < threshold < 1:
         raise _BadInput(f"--threshold must lie between 0 and 1, got {threshold}")
-    texts = [s.text for s in load_texts(texts_path or _stimuli_file("corpus.txt")).stimuli]
+    texts = [s.text for s in load_texts(texts_path or _stimuli_file("corpus.txt", "--texts")).stimuli]
     texts = texts[:limit] if limit else texts
     say = _progress(as_json)
     say("loading the model")

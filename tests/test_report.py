@@ -29,8 +29,9 @@ from click.testing import CliRunner
 from mlxscan.cli import main
 from mlxscan.errors import MlxscanError
 from mlxscan.plots import heatmap, line_plot, write_png
-from mlxscan.report import build_html, check_page, find_chromium, read_png, read_study, write_report
+from mlxscan.report import build_html, check_page, find_chromium, read_study, write_report
 from mlxscan.report.study import sha256_of
+from png_reader import read_png
 
 VERDICT_OF = {"probe.decodable.L12": "supported", "cka.twin_gap": "null", "steer.dimensionality": "failed-control"}
 VIEWPORT = (1100, 800)

@@ -7,8 +7,7 @@
 
 from .browser import PageCheck, check_page, find_chromium
 from .page import ReportResult, build_html, write_report
-from .png import read_png
 from .study import ClaimRow, DataFile, Step, Study, read_study
 
 __all__ = ["ClaimRow", "DataFile", "PageCheck", "ReportResult", "Step", "Study", "build_html", "check_page",
-           "find_chromium", "read_png", "read_study", "write_report"]
+           "find_chromium", "read_study", "write_report"]

@@ -6,13 +6,12 @@ that reproduces it, its files), and the provenance last. Nothing on the page is 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
 from ..errors import MlxscanError
+from ..outputs import write_outputs
 from .ledger import _CSS, _Linker, _ledger, slug, verdict_counts
 from .sections import provenance_section, step_section, steps_overview, study_figures
 from .study import Study, read_study
@@ -87,15 +86,7 @@ def write_report(study_dir, out_path=None) -> ReportResult:
         raise MlxscanError(f"--out {path} must be an .html file or a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     page = build_html(study, path.parent).encode("utf-8")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(page)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_outputs(path.parent, {path.name: page})  # whole or not at all
     steps: dict[str, int] = {}
     for step in study.steps:
         steps[step.status] = steps.get(step.status, 0) + 1

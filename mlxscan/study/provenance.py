@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import platform
-from datetime import datetime, timezone
 from importlib import metadata
 
+from ..store.scan_store import now  # noqa: F401 (study.json's times, as a scan's manifest writes them)
+
 PACKAGES = ("mlxscan", "mlx", "mlx-lm", "mlx-cpu", "numpy", "scipy", "scikit-learn", "networkx", "click")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def versions() -> dict:

@@ -1,4 +1,4 @@
-"""Reading 8-bit PNGs (such as Chromium's screenshots) into NumPy, with the standard library's zlib.
+"""Reading 8-bit PNGs (such as Chromium's screenshots) into NumPy, with the standard library's zlib (a test helper).
 
 The PNG filters Sub, Average and Paeth predict each byte from its left neighbour, so a row cannot be
 undone in one vector operation. Every pixel depends only on its left, upper and upper-left neighbours,
@@ -13,7 +13,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import MlxscanError
+from mlxscan.errors import MlxscanError
 
 _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}  # color type: grey, RGB, grey + alpha, RGBA
