@@ -318,3 +318,50 @@ def test_stopping_constant_features_and_absent_classes():
         fit_many(X, labels + 1, train, n_classes=3)
     with pytest.raises(MlxscanError, match="must both be"):
         fit_many(X, labels, train[:, 1:], n_classes=3)
+
+
+def test_compact_direction_is_the_two_loop_recursion():
+    # The solver's direction (compact form, float32 memory) against the textbook two-loop recursion in
+    # float64, on random curvature pairs: a full ring, a ring with an unused slot, and an empty one.
+    from mlxscan.analysis import logistic
+
+    rng = np.random.default_rng(14)
+    history, size, n_problems, newest = logistic.HISTORY, 30, 3, 2
+    root = rng.standard_normal((size, size))
+    M = root @ root.T / size + np.eye(size)  # the preconditioner: any symmetric positive definite matrix
+    s = rng.standard_normal((n_problems, history, size))
+    y = s @ (2 * np.eye(size) + 0.3 * rng.standard_normal((size, size)) / np.sqrt(size))  # s . y > 0
+    grad, gamma = rng.standard_normal((n_problems, size)), rng.uniform(0.5, 2, n_problems)
+    used = np.ones((n_problems, history), dtype=bool)
+    used[1, (newest + 2) % history] = False
+    used[2] = False
+    assert (np.einsum("ahn,ahn->ah", s, y) > 0).all()
+    memory = np.concatenate([s, y @ M, (grad @ M)[:, None]], axis=1).astype(np.float32)
+    batch = logistic._Batch(rows=None, problems=None, theta=None, loss=None, grad=grad.astype(np.float32),
+                            memory=memory, projection=np.einsum("ahn,an->ah", memory, grad),
+                            sy=np.einsum("ain,ajn->aij", s, y), ymy=np.einsum("ain,ajn->aij", y @ M, y),
+                            used=used, gamma=gamma)
+    direction = logistic._direction(batch, newest)
+    for a in range(n_problems):
+        q, alphas = grad[a].copy(), {}
+        slots = [(newest - j) % history for j in range(history) if used[a, (newest - j) % history]]  # newest first
+        for slot in slots:
+            alphas[slot] = s[a, slot] @ q / (s[a, slot] @ y[a, slot])
+            q -= alphas[slot] * y[a, slot]
+        r = gamma[a] * M @ q
+        for slot in reversed(slots):
+            r += (alphas[slot] - y[a, slot] @ r / (s[a, slot] @ y[a, slot])) * s[a, slot]
+        np.testing.assert_allclose(direction[a], -r, rtol=1e-4, atol=1e-4 * np.abs(r).max())
+
+
+def test_out_of_fold_fits_at_probe_tolerance_sit_near_the_optimum():
+    # The batched solver as `probe_layers` runs it (tol=1e-5, labellings x word-grouped folds) against
+    # the same fits run to tol=1e-9: the same held-out predictions, up to a few points near a boundary.
+    X, y, groups = planted_layers(15, strengths=[1.5], n_classes=5, words_per_class=8, frames=5, width=40)
+    rng = np.random.default_rng(15)
+    label_sets = np.stack([y] + [permute_labels_by_group(y, groups, rng) for _ in range(4)])
+    fold_sets = np.stack([make_folds(labels, groups, folds=5, seed=0) for labels in label_sets])
+    loose = out_of_fold_probabilities(X[:, 0], label_sets, fold_sets, n_classes=5, tol=1e-5)
+    tight = out_of_fold_probabilities(X[:, 0], label_sets, fold_sets, n_classes=5, tol=1e-9, max_iter=10_000)
+    assert np.abs(loose - tight).max() < 0.02
+    assert (loose.argmax(axis=2) != tight.argmax(axis=2)).sum() <= 2

@@ -380,8 +380,9 @@ def test_scan_killed_mid_run_resumes_without_redoing_finished_batches(bundled, t
         open_scan(out)
 
     # Mark what the killed run finished: a rerun that recomputed it would overwrite the marks.
-    # Batches are taken from the stimuli sorted by token count, stably (see mlxscan/capture/scan.py).
-    order = sorted(range(len(stimuli)), key=lambda i: len(bundled.tokenize(stimuli[i].text)))
+    # Batches are formed by prefix_batches, the same way every run (see mlxscan/capture/scan.py).
+    batches = scan_module.prefix_batches([bundled.tokenize(s.text) for s in stimuli], 4)
+    order = [i for batch in batches for i in batch]
     finished = order[:done]
     stored = np.load(out / "resid_post.npy", mmap_mode="r+")
     saved = np.array(stored[finished])
@@ -593,3 +594,39 @@ def test_after_a_full_disk_the_same_scan_runs_once_there_is_space(tiny, tmp_path
     # The user frees space and runs the same command again: mlxscan's own leftovers must not block it.
     scan = run_scan(tiny, stimuli, out, settings)
     assert scan.manifest["status"] == "complete" and len(scan) == len(GOOD_RECORDS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches that share a prefix
+
+
+def test_prefix_batches_cover_every_stimulus_once_and_group_frames(bundled):
+    token_ids = [bundled.tokenize(record["text"]) for record in shipped_records()]
+    batches = scan_module.prefix_batches(token_ids, 32)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(token_ids)))
+    assert max(map(len, batches)) <= 32
+    assert scan_module.prefix_batches(token_ids, 32) == batches  # the same every run: resumable
+    from mlxscan.capture.forward import shared_prefix_length
+
+    computed = sum(shared_prefix_length([token_ids[i] for i in batch]) * (1 - len(batch))
+                   + len(batch) * max(len(token_ids[i]) for i in batch) for batch in batches)
+    # Each frame's opening words run once per batch: measured 6,344 positions for 9,990 tokens.
+    assert computed < 0.7 * sum(map(len, token_ids))
+
+
+def test_a_scan_started_under_another_batching_starts_over(bundled, tmp_path):
+    stimuli = load_stimuli(write_jsonl(tmp_path / "stimuli.jsonl", shipped_records()[::60]))  # 20 stimuli
+    settings = ScanSettings(sites=("resid_post",), batch_size=4)
+    out = tmp_path / "scan"
+    reference = np.array(run_scan(bundled, stimuli, out, settings)["resid_post"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(status="running", batching="by-length/0")  # as an older version would have left it
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "progress.json").write_text(json.dumps({"done": 8}))
+    stored = np.load(out / "resid_post.npy", mmap_mode="r+")
+    stored[:] = -1.0  # rows of the old order must not survive
+    stored.flush()
+    del stored
+    resumed = run_scan(bundled, stimuli, out, settings)
+    assert json.loads((out / "manifest.json").read_text())["batching"] == scan_module.BATCHING
+    assert np.allclose(np.array(resumed["resid_post"]), reference, rtol=0, atol=1e-4)

@@ -1,7 +1,8 @@
 """Running a scan: a stimulus set through the model, the chosen sites recorded into the store.
 
-Stimuli run in batches of similar length (sorted once, stably, so a resumed scan sees the same
-batches); pooling happens inside MLX, so memory is bounded by the batch, never by the set.
+Stimuli run in batches that share a prefix where they can (a frame's tokens before the target word run
+once per batch, see forward.shared_prefix_length), formed the same way every time, so a resumed scan sees
+the same batches; pooling happens inside MLX, so memory is bounded by the batch, never by the set.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .. import _blas
 from ..errors import MlxscanError
 from ..stimuli import StimulusSet
 from ..store.scan_store import FORMAT, POOLS, Scan, ScanWriter, now, read_manifest
-from .forward import run_tokens
+from .forward import PrefixReuse, run_tokens
 from .sites import LAYER_SITES, site_width
 
 
@@ -75,6 +76,41 @@ def pool_weights(pool: str, token_lists: Sequence[Sequence[int]], word_tokens, a
     return weights
 
 
+BATCHING = "shared-prefix/1"  # how prefix_batches orders a set: a store resumes only under the same rule
+
+
+def prefix_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """Stimuli in batches of at most batch_size whose members begin with the same tokens where they can.
+
+    In token order, stimuli of one frame sit together; a batch closes when full, or (once half full: smaller
+    batches cost more than a prefix saves) when the next stimulus would shorten what its members share,
+    so run_tokens can run that prefix once.
+    Deterministic, so an interrupted scan resumes on the same batches.
+    """
+    order = sorted(range(len(token_ids)), key=lambda i: list(token_ids[i]))
+    batches: list[list[int]] = []
+    shared = 0
+    for i in order:
+        if batches and len(batches[-1]) < batch_size:
+            common = min(shared, _common_length(token_ids[batches[-1][0]], token_ids[i]))
+            if common >= shared or len(batches[-1]) < batch_size // 2:
+                batches[-1].append(i)
+                shared = common
+                continue
+        batches.append([i])
+        shared = len(token_ids[i])
+    return batches
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 def check_settings(model, settings: ScanSettings) -> ScanSettings:
     if settings.pool not in POOLS:
         raise MlxscanError(f"--pool must be one of {', '.join(POOLS)}, got {settings.pool!r}")
@@ -124,6 +160,7 @@ def _manifest(model, stimuli: StimulusSet, settings: ScanSettings, identity: dic
         "pool": settings.pool,
         "store_dtype": settings.store_dtype,
         "batch_size": settings.batch_size,
+        "batching": BATCHING,
         "tokenizer": {"adds_bos": model.tokenizer.adds_bos, "bos_token": model.tokenizer.bos_token,
                       "vocab_size": model.tokenizer.vocab_size},
         "versions": versions,
@@ -163,7 +200,12 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
         return Scan(out)  # the manifest says it is done: nothing is recomputed
     out.mkdir(parents=True, exist_ok=True)
 
-    order = sorted(range(len(stimuli)), key=lambda i: len(tokenized.token_ids[i]))  # stable: resumable batches
+    batches = prefix_batches(tokenized.token_ids, settings.batch_size)
+    if existing is not None and existing.get("batching") != BATCHING:
+        # A scan started by a version that batched differently: its finished rows are not the first of these.
+        _clear(out)
+        existing = None
+    order = [i for batch in batches for i in batch]
     widths = {site: site_width(model, site) for site in settings.sites}
     token_level = settings.pool == "all"
     offsets = np.concatenate([[0], np.cumsum([len(t) for t in tokenized.token_ids])]).astype(np.int64)
@@ -174,12 +216,17 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
         np.save(out / "offsets.npy", offsets)
 
     tokens_done = sum(len(tokenized.token_ids[i]) for i in order[:writer.done])
-    for start in range(writer.done, len(order), settings.batch_size):
-        batch = order[start:start + settings.batch_size]
+    ends = np.cumsum([len(batch) for batch in batches])
+    prefix_reuse = PrefixReuse()  # the batches of one frame follow each other: its prefix runs once
+    for batch, end in zip(batches, ends):
+        if end <= writer.done:
+            continue
+        start = int(end) - len(batch)
         token_lists = [tokenized.token_ids[i] for i in batch]
         weights = None if token_level else pool_weights(
             settings.pool, token_lists, [tokenized.word_tokens[i] for i in batch], model.tokenizer.adds_bos)
-        recording = run_tokens(model, token_lists, sites=settings.sites, layers=settings.layers, pool_weights=weights)
+        recording = run_tokens(model, token_lists, sites=settings.sites, layers=settings.layers, pool_weights=weights,
+                               prefix_reuse=prefix_reuse)
         if token_level:
             rows = {site: [(offsets[i], recording.unpadded(site, n).swapaxes(0, 1)) for n, i in enumerate(batch)]
                     for site in settings.sites}

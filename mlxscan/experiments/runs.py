@@ -39,7 +39,7 @@ def run_stimuli(model, stimuli: StimulusSet, *, sites: Sequence[str] = ("resid_p
                 progress: Callable[[int, int], None] | None = None) -> StimulusRun:
     """Run every stimulus under `interventions`; pooled `sites` at `layers`, optionally the last token's state.
 
-    Batches are of similar length (as in a scan), and results come back in stimulus order.
+    Batches are of similar length, and results come back in stimulus order.
     """
     if pool not in ("last", "mean", "word"):
         raise MlxscanError(f"pool must be last, mean or word, got {pool!r}")
