@@ -1,8 +1,9 @@
 """Running a scan: a stimulus set through the model, the chosen sites recorded into the store.
 
 Stimuli run in batches that share a prefix where they can (a frame's tokens before the target word run
-once per batch, see forward.shared_prefix_length), formed the same way every time, so a resumed scan sees
-the same batches; pooling happens inside MLX, so memory is bounded by the batch, never by the set.
+once, see forward.shared_prefix_length), formed the same way every time, so a resumed scan sees the same
+batches; a word-pooled scan runs each stimulus only up to its word. Pooling happens inside MLX, so memory
+is bounded by the batch, never by the set.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def pool_weights(pool: str, token_lists: Sequence[Sequence[int]], word_tokens, a
     return weights
 
 
-BATCHING = "shared-prefix/1"  # how prefix_batches orders a set: a store resumes only under the same rule
+BATCHING = "shared-prefix/2"  # how prefix_batches orders a set: a store resumes only under the same rule
 
 
 def prefix_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -200,7 +201,11 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
         return Scan(out)  # the manifest says it is done: nothing is recomputed
     out.mkdir(parents=True, exist_ok=True)
 
-    batches = prefix_batches(tokenized.token_ids, settings.batch_size)
+    run_ids = tokenized.token_ids
+    if settings.pool == "word":
+        # Causal attention: what follows the target word cannot change its activations, so it is not run.
+        run_ids = [ids[:max(word) + 1] for ids, word in zip(tokenized.token_ids, tokenized.word_tokens)]
+    batches = prefix_batches(run_ids, settings.batch_size)
     if existing is not None and existing.get("batching") != BATCHING:
         # A scan started by a version that batched differently: its finished rows are not the first of these.
         _clear(out)
@@ -215,14 +220,14 @@ def run_scan(model, stimuli: StimulusSet, out: Path, settings: ScanSettings = Sc
         np.save(out / "token_ids.npy", np.concatenate([np.asarray(t, np.int32) for t in tokenized.token_ids]))
         np.save(out / "offsets.npy", offsets)
 
-    tokens_done = sum(len(tokenized.token_ids[i]) for i in order[:writer.done])
+    tokens_done = sum(len(run_ids[i]) for i in order[:writer.done])
     ends = np.cumsum([len(batch) for batch in batches])
     prefix_reuse = PrefixReuse()  # the batches of one frame follow each other: its prefix runs once
     for batch, end in zip(batches, ends):
         if end <= writer.done:
             continue
         start = int(end) - len(batch)
-        token_lists = [tokenized.token_ids[i] for i in batch]
+        token_lists = [run_ids[i] for i in batch]
         weights = None if token_level else pool_weights(
             settings.pool, token_lists, [tokenized.word_tokens[i] for i in batch], model.tokenizer.adds_bos)
         recording = run_tokens(model, token_lists, sites=settings.sites, layers=settings.layers, pool_weights=weights,
