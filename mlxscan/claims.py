@@ -10,7 +10,6 @@ it beats its control after correction for every test in the study *and* replicat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MlxscanError
+from .models.hashing import sha256_of
 
 __all__ = ["Claim", "GateThresholds", "VERDICTS", "CORRECTIONS", "judge", "correct", "file_record", "sha256_of",
            "claims_record", "claims_to_json", "claims_from_json", "thresholds_from_dict"]
@@ -188,14 +188,6 @@ def _ci_clear(claim: Claim) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Data files and JSON
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(path, root) -> dict:

@@ -269,7 +269,8 @@ def run_tokens(
 
     needed = [l for l in record_layers if any(is_layer_site(s) for s in sites)]
     needed += [l for i in interventions for l in i.layers if l is not None]
-    last_layer = model.n_layers - 1 if _wants_head(sites, interventions) else max(needed, default=-1)
+    wants_head = "final_norm" in sites or "logits" in sites or any(i.site == "final_norm" for i in interventions)
+    last_layer = model.n_layers - 1 if wants_head else max(needed, default=-1)
 
     pooling = _pooling(pool_weights, sites, seq_len)
     first_layer = _check_resume(resume, sites, record_layers, interventions, (batch, seq_len, model.d_model))
@@ -278,13 +279,13 @@ def run_tokens(
     taps = _Taps(interventions, sites, record_layers, valid, lengths, pooling)
     if prefix:
         recorded = _run_after_shared_prefix(model, padded, prefix, sites, record_layers, pooling, last_layer,
-                                            prefix_reuse)
+                                            wants_head, prefix_reuse)
     else:
         if resume is None:
             h = taps("embed", None, _embed(model, padded))
         else:
             h = mx.array(np.asarray(resume[1], np.float32)).astype(getattr(mx, model.dtype))
-        _layers_and_head(model, h, _masks(model, seq_len, h.dtype), taps, first_layer, last_layer)
+        _layers_and_head(model, h, _masks(model, seq_len, h.dtype), taps, first_layer, last_layer, wants_head)
         recorded = taps.recorded
     mx.eval(recorded, [effect[3:] for effect in taps.effects])
 
@@ -300,10 +301,6 @@ def run_tokens(
                      layers=record_layers if any(is_layer_site(s) for s in sites) else (), effects=effects)
 
 
-def _wants_head(sites, interventions) -> bool:
-    return "final_norm" in sites or "logits" in sites or any(i.site == "final_norm" for i in interventions)
-
-
 def _embed(model, token_ids: np.ndarray) -> mx.array:
     h = model.module.model.embed_tokens(mx.array(token_ids))
     if model.family.scales_embeddings:
@@ -311,12 +308,13 @@ def _embed(model, token_ids: np.ndarray) -> mx.array:
     return h
 
 
-def _layers_and_head(model, h, masks, taps, first_layer: int, last_layer: int, caches=None) -> None:
-    """The blocks first_layer..last_layer, then the final norm and LM head where a site asks for them."""
+def _layers_and_head(model, h, masks, taps, first_layer: int, last_layer: int, wants_head: bool,
+                     caches=None) -> None:
+    """The blocks first_layer..last_layer, then the final norm and LM head where something asks for them."""
     inner = model.module.model
     for i in range(first_layer, last_layer + 1):
         h = _block(model, inner.layers[i], h, masks[i], taps, i, None if caches is None else caches[i])
-    if _wants_head(taps.record_sites, [i for group in taps.by_place.values() for i in group]):
+    if wants_head:
         h = taps("final_norm", None, inner.norm(h))
         if "logits" in taps.record_sites:
             taps("logits", None, model.lm_head(h))
@@ -382,18 +380,19 @@ class PrefixReuse:
         self.model, self.key, self.state = model, key, state
 
 
-def _prefix_pass(model, prefix_ids: np.ndarray, sites, record_layers, last_layer: int):
+def _prefix_pass(model, prefix_ids: np.ndarray, sites, record_layers, last_layer: int, wants_head: bool):
     """(per-layer caches holding the prefix's keys and values, its token-level values of every site)."""
     caches = [_PrefixCache() for _ in range(model.n_layers)]
     taps = _Taps((), sites, record_layers, None, None, {})
     h = taps("embed", None, _embed(model, prefix_ids))
-    _layers_and_head(model, h, _masks(model, prefix_ids.shape[1], h.dtype), taps, 0, last_layer, caches)
+    _layers_and_head(model, h, _masks(model, prefix_ids.shape[1], h.dtype), taps, 0, last_layer,
+                     wants_head, caches)
     mx.eval(taps.recorded, [(cache.keys, cache.values) for cache in caches if cache.keys is not None])
     return caches, taps.recorded
 
 
 def _run_after_shared_prefix(model, padded: np.ndarray, prefix: int, sites, record_layers, pooling,
-                             last_layer: int, reuse: PrefixReuse) -> dict[str, list[mx.array]]:
+                             last_layer: int, wants_head: bool, reuse: PrefixReuse) -> dict[str, list[mx.array]]:
     """Each site's recorded values, as the plain path records them, from the prefix's pass and the rows' pass."""
     from ..models.mlx_lm_classes import model_module
 
@@ -401,7 +400,7 @@ def _run_after_shared_prefix(model, padded: np.ndarray, prefix: int, sites, reco
     key = (tuple(padded[0, :prefix].tolist()), tuple(sites), tuple(record_layers), last_layer)
     state = reuse.get(model, key)
     if state is None:
-        state = _prefix_pass(model, padded[:1, :prefix], sites, record_layers, last_layer)
+        state = _prefix_pass(model, padded[:1, :prefix], sites, record_layers, last_layer, wants_head)
         reuse.put(model, key, state)
     caches, head = state
 
@@ -409,7 +408,7 @@ def _run_after_shared_prefix(model, padded: np.ndarray, prefix: int, sites, reco
     tail = _Taps((), sites, record_layers, None, None, {site: w[:, prefix:] for site, w in pooling.items()})
     h = tail("embed", None, _embed(model, padded[:, prefix:]))
     mask = model_module("base").create_causal_mask(own, offset=prefix)  # [own, prefix + own]: all of the prefix
-    _layers_and_head(model, h, [mask] * model.n_layers, tail, 0, last_layer, caches)
+    _layers_and_head(model, h, [mask] * model.n_layers, tail, 0, last_layer, wants_head, caches)
 
     recorded = {}
     for site in sites:

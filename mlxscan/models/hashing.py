@@ -9,7 +9,8 @@ from pathlib import Path
 from .tokenizer import cache_dir
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's sha256, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 22), b""):
@@ -29,7 +30,7 @@ def files_sha256(files: list[Path]) -> str:
         stat = file.stat()
         key = f"{file.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in known:
-            known[key] = _sha256(file)
+            known[key] = sha256_of(file)
         hashes.append(known[key])
     try:
         known_path.parent.mkdir(parents=True, exist_ok=True)
