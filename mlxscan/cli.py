@@ -158,13 +158,17 @@ def scan(model_ref, stimuli_path, texts_path, sites, layers_spec, pool, store_dt
 @click.option("--site", default="resid_post", show_default=True, help="Per-layer site to probe.")
 @click.option("--target", type=click.Choice(["category", "frame"]), default="category", show_default=True)
 @click.option("--folds", type=int, default=5, show_default=True, help="Group folds by word.")
-@click.option("--permutations", type=int, default=20, show_default=True, help="Label shuffles across words, per layer.")
+@click.option("--permutations", type=int, default=20, show_default=True,
+              help="Label shuffles across words, per layer (at most: see --no-early-stop).")
+@click.option("--no-early-stop", is_flag=True,
+              help="Run every permutation at every layer, not only where the first 5 leave the verdict open.")
 @click.option("--no-twin", is_flag=True, help="Skip the untrained-twin control.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of the table.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Save probe.json, the arrays (probe_arrays.npz) and the plot (probe.png) here.")
-def probe(scan_dir, model_ref, stimuli_path, site, target, folds, permutations, no_twin, seed, as_json, out_dir):
+def probe(scan_dir, model_ref, stimuli_path, site, target, folds, permutations, no_early_stop, no_twin, seed, as_json,
+          out_dir):
     """Is the target decodable at each layer, and more than the untrained architecture gives?"""
     from .capture.scan import ProgressBar
     from .experiments.probe import run_probe
@@ -178,7 +182,7 @@ def probe(scan_dir, model_ref, stimuli_path, site, target, folds, permutations, 
     outcome = run_probe(
         scan=open_scan(scan_dir) if scan_dir else None, model_ref=model_ref,
         stimuli_path=None if scan_dir else (stimuli_path or _default_stimuli()), site=site, target=target,
-        folds=folds, permutations=permutations, twin=not no_twin, seed=seed, say=say,
+        folds=folds, permutations=permutations, early_stop=not no_early_stop, twin=not no_twin, seed=seed, say=say,
         scan_progress=ProgressBar("scan", enabled=None if not as_json else False),
         probe_progress=_layer_progress(as_json),
     )
@@ -304,7 +308,8 @@ def rsa(scan_a, scan_b, site, per_stimulus, metric, as_json, out_dir):
 def _layer_progress(quiet: bool):
     if quiet or not sys.stderr.isatty():
         return None
-    return lambda done, total: click.echo(f"\rmlxscan: probed {done}/{total} layers", err=True, nl=done == total)
+    # A second pass (the permutations of layers the first look left open) continues the count.
+    return lambda done, total: click.echo(f"\rmlxscan: probed {done}/{total} layer batches", err=True, nl=done == total)
 
 
 def _save_probe(out_dir: Path, outcome, record: dict) -> None:
@@ -327,14 +332,16 @@ def _bands(rows, key):
 def _print_probe(record: dict, out_dir) -> None:
     twin = record["span_twin"] is not None
     click.echo(f"{record['model']}  site {record['site']}  target {record['target']} ({len(record['classes'])} classes, "
-               f"chance {record['chance']:.3f})  {record['folds']} word-grouped folds, {record['permutations']} permutations")
-    header = f"{'layer':>5}  {'accuracy':>8}  {'95% CI':>16}  {'AUC':>5}  {'p':>8}"
-    click.echo(header + ("  " + f"{'twin acc':>8}  {'twin p':>8}" if twin else ""))
+               f"chance {record['chance']:.3f})  {record['folds']} word-grouped folds, {record['permutations']} permutations"
+               + (f" (perm: how many ran; {record['first_look']} where they settled the verdict)"
+                  if record["early_stop"] else ""))
+    header = f"{'layer':>5}  {'accuracy':>8}  {'95% CI':>16}  {'AUC':>5}  {'p':>8}  {'perm':>4}"
+    click.echo(header + ("  " + f"{'twin acc':>8}  {'twin p':>8}  {'perm':>4}" if twin else ""))
     for row in record["layers"]:
         line = (f"{row['layer']:>5}  {row['accuracy']:>8.3f}  [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]  "
-                f"{row['auc']:>5.3f}  {row['p']:>8.1e}")
+                f"{row['auc']:>5.3f}  {row['p']:>8.1e}  {row['permutations_run']:>4}")
         if twin:
-            line += f"  {row['twin_accuracy']:>8.3f}  {row['twin_p']:>8.1e}"
+            line += f"  {row['twin_accuracy']:>8.3f}  {row['twin_p']:>8.1e}  {row['twin_permutations_run']:>4}"
         click.echo(line)
     spans = f"decodable layer-span (Holm-corrected p < 0.05): trained {record['span_trained']:.2f}"
     if twin:

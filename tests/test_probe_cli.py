@@ -252,6 +252,26 @@ def test_probe_of_a_layer_subset_reports_model_layers(scans, probe_run, cache, t
     assert not any(name.startswith("twin_") for name in arrays.files), arrays.files
 
 
+def test_permutations_past_the_first_look_run_where_the_verdict_is_open_or_everywhere(scans, cache, tmp_path):
+    records = {}
+    for flags in ((), ("--no-early-stop",)):
+        out = tmp_path / ("all" if flags else "early")
+        result = run_cli("probe", scans.trained, "--no-twin", "--folds", "3", "--permutations", "7", *flags,
+                         "--json", "--out", out, cache=cache)
+        records[flags] = record = printed_json(result)
+        null = np.load(out / "probe_arrays.npz")["trained_null_accuracies"]  # [layers, 7], NaN: not run
+        for row, drawn in zip(record["layers"], null):
+            assert row["permutations_run"] == int(np.isfinite(drawn).sum()), row
+            assert np.isfinite(drawn[:row["permutations_run"]]).all()
+            # Only a settled verdict stops a layer after the first 5 shuffles.
+            assert row["permutations_run"] == (5 if row["settled_early"] else 7), row
+    early, everywhere = records[()], records[("--no-early-stop",)]
+    assert early["first_look"] == 5 and early["early_stop"] is True and everywhere["early_stop"] is False
+    assert all(row["permutations_run"] == 7 and row["settled_early"] is None for row in everywhere["layers"])
+    # The real labels' fits are the same either way.
+    assert [row["accuracy"] for row in early["layers"]] == [row["accuracy"] for row in everywhere["layers"]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 3. Bad input: exit 2, one line, no --out
 #

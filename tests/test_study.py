@@ -33,7 +33,7 @@ alpha = 0.05
 
 [steps.probe]
 command = "probe"
-options = {folds = 2, permutations = 2}
+options = {folds = 2, permutations = 5}
 
 [steps.selectivity]
 command = "selectivity"
@@ -74,7 +74,7 @@ def write_study(folder: Path, text: str = STUDY) -> Path:
 def test_study_file_is_parsed_in_order(tmp_path):
     spec = parse_study(write_study(tmp_path), COMMANDS)
     assert [step.name for step in spec.steps] == ["probe", "selectivity", "invariance"]
-    assert spec.steps[0].options == {"folds": 2, "permutations": 2}
+    assert spec.steps[0].options == {"folds": 2, "permutations": 5}
     assert spec.stimuli == (tmp_path / "planted.jsonl").resolve() and spec.gate.alpha == 0.05
 
 
@@ -154,7 +154,7 @@ def test_study_json_records_provenance_and_commands(study_run, planted_study):
     assert set(record["machine"]) >= {"platform", "cpu", "cores", "memory_gb"}
     steps = {step["name"]: step for step in record["steps"]}
     assert all(step["status"] == "done" for step in steps.values())
-    assert steps["probe"]["command"].startswith("mlxscan probe --folds 2 --permutations 2 --model ")
+    assert steps["probe"]["command"].startswith("mlxscan probe --folds 2 --permutations 5 --model ")
     assert "--stimuli inputs/planted.jsonl --out steps/probe" in steps["probe"]["command"]
     assert (out / "steps" / "probe" / "probe.txt").read_text().startswith(record["model"]["ref"])
     assert not list((out / "steps").glob(".*.partial"))
@@ -198,7 +198,7 @@ def test_verify_passes_then_catches_tampering(study_run, planted_study, tmp_path
 def test_bad_input_is_one_line_and_writes_nothing(study_run, planted_study, tmp_path):
     out, _ = study_run
     other = planted_study / "other.toml"
-    other.write_text(STUDY.replace("permutations = 2}", "permutations = 3}"))
+    other.write_text(STUDY.replace("permutations = 5}", "permutations = 6}"))
     assert_one_error_line(run_cli("study", "run", other, "--out", out, cache=planted_study / "cache"),
                           "holds a study made from another study file")
     unknown = planted_study / "unknown.toml"

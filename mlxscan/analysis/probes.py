@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
-from scipy.stats import norm
+from scipy.stats import nct, norm
+from scipy.stats import t as student_t
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
@@ -34,7 +35,7 @@ from ._json import jsonable as _jsonable
 __all__ = [
     "LayerProbe", "ProbeReport", "RankResult", "RetentionResult", "GapResult",
     "probe_layers", "decodable_span", "holm_reject", "concept_rank", "retention", "mlp_gap",
-    "linear_probe", "make_folds", "permute_labels_by_group",
+    "linear_probe", "make_folds", "permute_labels_by_group", "early_verdicts", "futility_cutoff",
 ]
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -45,6 +46,15 @@ PROBE_MAX_ITER = 1000  # a safety net: the batched solver stops after ~30-80 ste
 # most) and 29 of 30 on the twin (2); scikit-learn at tol=1e-3 was up to 7 and 16 stimuli away.
 PROBE_TOL = 1e-5
 MLP_MAX_ITER = 500
+# Shuffles every layer gets; a layer runs the rest of its permutations only if these leave its verdict
+# open (see early_verdicts).
+FIRST_LOOK = 5
+# An early "significant" needs p <= alpha / (EARLY_SHARE * layers): a share of alpha spent on the first
+# look, so that stopping early raises the family-wise error rate at most from alpha to 1.1 alpha.
+EARLY_SHARE = 10
+# An early "not significant" needs a first-look p that a layer which could still pass Holm would show
+# at most this often (see futility_cutoff): the power the early stop may cost such a layer.
+FUTILITY_LOSS = 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,10 +76,12 @@ class LayerProbe:
     accuracy_ci: tuple[float, float]
     auc: float  # macro one-vs-rest ROC AUC of the out-of-fold probabilities
     auc_ci: tuple[float, float]
-    p_empirical: float  # (1 + #null >= observed) / (1 + permutations): never below 1 / (permutations + 1)
-    p_gaussian: float  # upper tail of a normal fitted to the null accuracies, floored at P_FLOOR
+    p_empirical: float  # (1 + #null >= observed) / (1 + permutations run): never below 1 / (permutations run + 1)
+    p_gaussian: float  # the observed accuracy's Student-t prediction p under a normal null (see _p_values)
     null_mean: float
     null_sd: float
+    permutations_run: int  # shuffles this layer's null holds: all of them, or the first look's if they settled it
+    settled_early: str | None  # "significant" or "not significant" when the first look settled the verdict
 
     def to_dict(self) -> dict:
         return _summary(self)
@@ -85,11 +97,13 @@ class ProbeReport:
     majority_rate: float  # accuracy of always guessing the commonest class
     n_classes: int
     folds: int
-    permutations: int
+    permutations: int  # at most, per layer
+    first_look: int  # shuffles every layer runs; the rest come in a second batch
+    early_stop: bool  # whether a layer the first look settled skips the second batch
     seed: int
     C: float
     oof_probabilities: np.ndarray  # [n_layers_probed, n, n_classes] out-of-fold probabilities
-    null_accuracies: np.ndarray  # [n_layers_probed, permutations] accuracies under group-permuted labels
+    null_accuracies: np.ndarray  # [n_layers_probed, permutations] accuracies under group-permuted labels; NaN: not run
     fold_of: np.ndarray  # [n] the test fold of each stimulus (real labels; shuffles get their own, see probe_layers)
 
     def decodable_span(self, alpha: float = 0.05) -> float:
@@ -106,7 +120,9 @@ class ProbeReport:
             "layers": [layer.to_dict() for layer in self.layers],
             "classes": _jsonable(self.classes),
             "chance": self.chance, "majority_rate": self.majority_rate, "n_classes": self.n_classes,
-            "folds": self.folds, "permutations": self.permutations, "seed": self.seed, "C": self.C,
+            "folds": self.folds, "permutations": self.permutations, "first_look": self.first_look,
+            "early_stop": self.early_stop,
+            "seed": self.seed, "C": self.C,
             "decodable_span": {"fraction": self.decodable_span(0.05) if self.permutations >= 2 else None,
                                "alpha": 0.05, "correction": "holm", "p_value": "p_gaussian"},
         }
@@ -335,7 +351,35 @@ def _weighted_ovr_auc(y_index, scores, weights) -> np.ndarray:
 
     Ties count one half, as in roc_auc_score; with weights of ones the two agree. A class absent from
     a resample (or one present everywhere) gets NaN.
+
+    A word bootstrap weights all stimuli of a word alike, so the weights have few distinct columns G:
+    then each class's positive-negative pairs are counted once per pair of columns ([G, G]) and every
+    resample's AUC is a quadratic form in its G weights (~20x faster on the category scan than sorting
+    per resample, which remains for weights without that structure).
     """
+    weights = np.asarray(weights, dtype=np.float64)
+    # Equal columns found by one random projection (np.unique over columns sorts them: 50 ms), then checked.
+    keys = np.random.default_rng(0).standard_normal(len(weights)) @ weights  # [n]
+    _, first, column_of = np.unique(keys, return_index=True, return_inverse=True)
+    columns = weights[:, first]  # [B, G]
+    if columns.shape[1] > weights.shape[1] // 2 or not np.array_equal(columns[:, column_of], weights):
+        return _weighted_ovr_auc_sorted(y_index, scores, weights)
+    one_hot = np.eye(columns.shape[1])[column_of]  # [n, G]
+    aucs = np.empty((weights.shape[0], scores.shape[1]))
+    for c in range(scores.shape[1]):
+        is_c = y_index == c
+        positive_scores, negative_scores = scores[is_c, c][:, None], scores[~is_c, c][None, :]
+        beats = (negative_scores < positive_scores) + 0.5 * (negative_scores == positive_scores)  # [P, N]
+        pairs_by_column = one_hot[is_c].T @ beats @ one_hot[~is_c]  # [G, G]
+        won = np.einsum("bg,bg->b", columns @ pairs_by_column, columns)
+        pairs = (columns @ one_hot[is_c].sum(axis=0)) * (columns @ one_hot[~is_c].sum(axis=0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            aucs[:, c] = np.where(pairs > 0, won / pairs, np.nan)
+    return aucs
+
+
+def _weighted_ovr_auc_sorted(y_index, scores, weights) -> np.ndarray:
+    """_weighted_ovr_auc for any weights: per class, one sort and a pass over tied-score blocks per resample."""
     aucs = np.empty((weights.shape[0], scores.shape[1]))
     for c in range(scores.shape[1]):
         order = np.argsort(scores[:, c], kind="stable")
@@ -358,7 +402,13 @@ def _interval(samples) -> tuple[float, float]:
 
 
 def _p_values(observed: float, null: np.ndarray) -> tuple[float, float, float, float]:
-    """(p_empirical, p_gaussian, null mean, null sd) of an observed accuracy against its null."""
+    """(p_empirical, p_gaussian, null mean, null sd) of an observed accuracy against its null draws.
+
+    p_gaussian treats the k null accuracies and the observed one as draws of one normal of unknown mean
+    and sd: (observed - mean) / (sd sqrt(1 + 1/k)) is then Student-t with k - 1 degrees of freedom, so
+    the p-value is exact for any k (a normal tail with the estimated sd would be too small for few draws).
+    """
+    null = null[np.isfinite(null)]
     if len(null) == 0:
         return math.nan, math.nan, math.nan, math.nan
     p_empirical = (1 + int(np.sum(null >= observed))) / (1 + len(null))
@@ -368,8 +418,42 @@ def _p_values(observed: float, null: np.ndarray) -> tuple[float, float, float, f
     if sd == 0:  # every permutation scored the same: the observed value is either above it or not
         p_gaussian = 1.0 if observed <= mean else P_FLOOR
     else:
-        p_gaussian = max(float(norm.sf(observed, loc=mean, scale=sd)), P_FLOOR)
+        score = (observed - mean) / (sd * math.sqrt(1 + 1 / len(null)))
+        p_gaussian = max(float(student_t.sf(score, len(null) - 1)), P_FLOOR)
     return p_empirical, p_gaussian, mean, sd
+
+
+def futility_cutoff(bar: float, draws: int, loss: float = FUTILITY_LOSS) -> float:
+    """The first-look p above which a layer is given up: one whose accuracy sits exactly at p = bar of its
+    null (as infinitely many shuffles would show) gets a larger first-look p from `draws` shuffles only
+    `loss` of the time.
+
+    With null accuracies normal, sqrt(draws) (observed - mean) / sd is noncentral t (draws - 1 degrees
+    of freedom, noncentrality sqrt(draws) z_bar), and the first-look p falls as it grows.
+    """
+    score = nct.ppf(loss, draws - 1, math.sqrt(draws) * norm.isf(bar))
+    return float(student_t.sf(score / math.sqrt(draws + 1), draws - 1))
+
+
+def early_verdicts(p_first_look, draws: int, alpha: float = 0.05) -> list[str | None]:
+    """Per layer, after a first look of `draws` shuffles: "significant", "not significant", or None (run the rest).
+
+    Significant: p <= alpha / (EARLY_SHARE n_layers), below every threshold Holm could give the layer.
+    Not significant: p above `futility_cutoff` of the most lenient threshold Holm could still give it,
+    alpha / (F + 1) with F the layers already given up (Holm tests a layer after at most the n_layers - F - 1
+    others). Given up, a layer that could pass is lost at most FUTILITY_LOSS of the time; stopping never
+    adds a false positive. Between the two, only more permutations can tell (NaN p: open).
+    """
+    p = np.asarray(p_first_look, dtype=np.float64)
+    significant = p <= alpha / (EARLY_SHARE * len(p))
+    futile = np.zeros(len(p), dtype=bool)
+    while True:  # each layer given up lowers the bar for the others; F only grows, so this ends
+        bar = alpha / (futile.sum() + 1)
+        given_up = ~significant & (p > futility_cutoff(bar, draws))
+        if (given_up == futile).all():
+            break
+        futile = given_up
+    return ["significant" if yes else "not significant" if no else None for yes, no in zip(significant, futile)]
 
 
 def holm_reject(p_values, alpha: float = 0.05) -> np.ndarray:
@@ -403,17 +487,22 @@ def decodable_span(p_values: Sequence[float], alpha: float = 0.05) -> float:
 
 
 def probe_layers(X, y, groups, *, layers: Sequence[int] | None = None, folds: int = 5, permutations: int = 20,
-                 seed: int = 0, n_jobs: int = 2, C: float = 1.0,
-                 progress: Callable[[int, int], None] | None = None) -> ProbeReport:
+                 first_look: int = FIRST_LOOK, early_stop: bool = True, alpha: float = 0.05, seed: int = 0,
+                 n_jobs: int = 2, C: float = 1.0, progress: Callable[[int, int], None] | None = None) -> ProbeReport:
     """Cross-validated linear decodability of y at each layer of X [n, n_layers, width], with a permutation null.
 
     Per layer: `linear_probe(C)`'s objective minimized on word-grouped, class-balanced folds
     (`make_folds`, the same for every layer), all labellings and folds of a layer in one batched solve
-    (logistic.py), n_jobs layers at a time; accuracy and macro one-vs-rest AUC of the out-of-fold probabilities with 95%
-    cluster-bootstrap CIs over words; `permutations` refits on labels shuffled across words. The
-    shuffles are the same for every layer, and each one gets the folds `make_folds` makes for it, so the
-    null repeats the whole procedure. X may be a read-only memory map: one layer at a time is copied.
-    `progress(done_layers, total_layers)` is called after each layer.
+    (logistic.py), n_jobs layers at a time; accuracy and macro one-vs-rest AUC of the out-of-fold
+    probabilities with 95% cluster-bootstrap CIs over words; up to `permutations` refits on labels
+    shuffled across words. The shuffles are the same for every layer, and each one gets the folds
+    `make_folds` makes for it, so the null repeats the whole procedure.
+
+    Permutations are spent where the verdict is open: every layer first gets `first_look` of them, and
+    runs the rest only if `early_verdicts` (Holm at `alpha` over the probed layers) cannot yet call it;
+    `early_stop=False` runs all of them everywhere. Either way the shuffles come in the same two batches,
+    so the numbers they give do not depend on which layers stopped. X may be a read-only memory map:
+    one layer at a time is copied. `progress(done, total)` is called after each layer's batch.
     """
     X = _check_activations(X, ndim=3)
     classes, y_index, groups = _check_labels(y, groups, len(X), folds)
@@ -422,6 +511,10 @@ def probe_layers(X, y, groups, *, layers: Sequence[int] | None = None, folds: in
         raise MlxscanError(f"layers must be positions in 0..{X.shape[1] - 1} of X's axis 1; got {list(layers)}")
     if permutations < 0:
         raise MlxscanError(f"permutations must be 0 or more; got {permutations}")
+    if first_look < 2:
+        raise MlxscanError(f"first_look must be at least 2 (a null's spread needs two draws); got {first_look}")
+    if not 0 < alpha < 1:
+        raise MlxscanError(f"alpha must lie in (0, 1); got {alpha}")
     n_classes = len(classes)
     permutation_rng = np.random.default_rng([seed, 1])
     label_sets = np.stack([y_index] + [permute_labels_by_group(y_index, groups, permutation_rng)
@@ -429,35 +522,57 @@ def probe_layers(X, y, groups, *, layers: Sequence[int] | None = None, folds: in
     # Each labelling gets the folds the same recipe makes for it: stratified folds built from the real
     # labels alone are balanced for them and not for shuffled ones, and CV's bias differs between the two
     # (measured on pure noise: 10-15% of layers had p_empirical < 0.05 with shared folds).
-    fold_sets = np.stack([make_folds(labels, groups, folds=folds, seed=seed) for labels in label_sets])
+    first = 1 + min(first_look, permutations)  # labellings of the first batch: the real one and first_look shuffles
+    fold_sets = np.stack([make_folds(labels, groups, folds=folds, seed=seed) for labels in label_sets[:first]])
     weights = _resample_weights(groups, seed)
 
-    results, probabilities, null_accuracies = [], [], []
-    # One job per layer, each fitting all (labelling, fold) pairs of its layer together; results come
-    # back in layer order as they finish.
-    jobs = (delayed(_probe_layer)(X[:, layer], f"layer {layer}", label_sets, fold_sets, n_classes, C)
-            for layer in layers)
-    fitted = Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
-    for done, (layer, oof) in enumerate(zip(layers, fitted), start=1):
-        correct = oof.argmax(axis=2) == label_sets  # [1 + permutations, n]
-        accuracies = correct.mean(axis=1)
-        auc = roc_auc_score(y_index, oof[0], multi_class="ovr", average="macro", labels=np.arange(n_classes))
+    def fitted(positions, sets):
+        # One job per layer, each fitting all (labelling, fold) pairs of its layer together, in layer order.
+        jobs = (delayed(_probe_layer)(X[:, layer], f"layer {layer}", label_sets[sets], fold_sets[sets], n_classes, C)
+                for layer in positions)
+        return Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
+
+    oof, correct = {}, {}
+    for done, (layer, probabilities) in enumerate(zip(layers, fitted(layers, slice(0, first))), start=1):
+        oof[layer] = probabilities[0]
+        correct[layer] = probabilities.argmax(axis=2) == label_sets[:first]  # [first, n]
+        if progress is not None:
+            progress(done, len(layers))
+    verdicts = dict.fromkeys(layers)
+    if early_stop and first < len(label_sets):
+        accuracies = [correct[layer].mean(axis=1) for layer in layers]  # real labels first, then the shuffles
+        first_p = [_p_values(observed[0], observed[1:])[1] for observed in accuracies]
+        verdicts = dict(zip(layers, early_verdicts(first_p, first - 1, alpha)))
+    remaining = [layer for layer in layers if first < len(label_sets) and verdicts[layer] is None]
+    total = len(layers) + len(remaining)
+    if remaining:  # the second batch's folds (StratifiedGroupKFold takes ~30 ms a labelling)
+        fold_sets = np.concatenate([fold_sets] + [make_folds(labels, groups, folds=folds, seed=seed)[None]
+                                                  for labels in label_sets[first:]])
+    rest = fitted(remaining, slice(first, None)) if remaining else ()
+    for done, (layer, probabilities) in enumerate(zip(remaining, rest), start=len(layers) + 1):
+        correct[layer] = np.concatenate([correct[layer], probabilities.argmax(axis=2) == label_sets[first:]])
+        if progress is not None:
+            progress(done, total)
+
+    results, null_accuracies = [], np.full((len(layers), permutations), np.nan)
+    for position, layer in enumerate(layers):
+        accuracies = correct[layer].mean(axis=1)
+        null_accuracies[position, :len(accuracies) - 1] = accuracies[1:]
+        auc = roc_auc_score(y_index, oof[layer], multi_class="ovr", average="macro", labels=np.arange(n_classes))
         p_empirical, p_gaussian, null_mean, null_sd = _p_values(accuracies[0], accuracies[1:])
         results.append(LayerProbe(
             layer=layer, accuracy=float(accuracies[0]),
-            accuracy_ci=_interval(_weighted_accuracy(correct[0], weights)),
-            auc=float(auc), auc_ci=_interval(np.nanmean(_weighted_ovr_auc(y_index, oof[0], weights), axis=1)),
-            p_empirical=p_empirical, p_gaussian=p_gaussian, null_mean=null_mean, null_sd=null_sd))
-        probabilities.append(oof[0])
-        null_accuracies.append(accuracies[1:])
-        if progress is not None:
-            progress(done, len(layers))
+            accuracy_ci=_interval(_weighted_accuracy(correct[layer][0], weights)),
+            auc=float(auc), auc_ci=_interval(np.nanmean(_weighted_ovr_auc(y_index, oof[layer], weights), axis=1)),
+            p_empirical=p_empirical, p_gaussian=p_gaussian, null_mean=null_mean, null_sd=null_sd,
+            permutations_run=len(accuracies) - 1, settled_early=verdicts[layer]))
 
     return ProbeReport(
         layers=tuple(results), classes=tuple(classes.tolist()), chance=1 / n_classes,
         majority_rate=float(np.bincount(y_index).max() / len(y_index)), n_classes=n_classes, folds=folds,
-        permutations=permutations, seed=seed, C=C, oof_probabilities=np.stack(probabilities),
-        null_accuracies=np.stack(null_accuracies), fold_of=fold_sets[0])
+        permutations=permutations, first_look=first_look, early_stop=early_stop, seed=seed, C=C,
+        oof_probabilities=np.stack([oof[layer] for layer in layers]), null_accuracies=null_accuracies,
+        fold_of=fold_sets[0])
 
 
 # ---------------------------------------------------------------------------------------------

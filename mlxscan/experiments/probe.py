@@ -42,18 +42,24 @@ class ProbeOutcome:
             layers.append({
                 "layer": self.layer_numbers[item.layer], "accuracy": item.accuracy, "ci": list(item.accuracy_ci), "auc": item.auc,
                 "auc_ci": list(item.auc_ci), "p": item.p_gaussian, "p_empirical": item.p_empirical,
+                "permutations_run": item.permutations_run, "settled_early": item.settled_early,
                 "twin_accuracy": twin_item.accuracy if twin_item else None,
                 "twin_ci": list(twin_item.accuracy_ci) if twin_item else None,
                 "twin_p": twin_item.p_gaussian if twin_item else None,
+                "twin_permutations_run": twin_item.permutations_run if twin_item else None,
+                "twin_settled_early": twin_item.settled_early if twin_item else None,
             })
         return {
             "model": self.model, "site": self.site, "target": self.target, "classes": self.classes,
             "chance": self.trained.chance, "majority_rate": self.trained.majority_rate,
             "folds": self.trained.folds, "permutations": self.trained.permutations,
+            "first_look": self.trained.first_look, "early_stop": self.trained.early_stop,
             "layers": layers, "span_trained": self.span_trained, "span_twin": self.span_twin,
             "depth": self.depth, "scans": self.scans,
-            "notes": "p: upper tail of a normal fitted to the permutation null (labels shuffled across word groups, "
-                     "same folds); span: fraction of layers with Holm-corrected p < 0.05.",
+            "notes": "p: Student-t prediction p of the accuracy under a normal null fitted to the permutations "
+                     "(labels shuffled across word groups, each shuffle with its own word-grouped folds); a layer "
+                     "runs all permutations unless its first first_look settle it (settled_early); span: fraction "
+                     "of layers with Holm-corrected p < 0.05.",
         }
 
 
@@ -105,11 +111,12 @@ def _model_of(scan):
 
 
 def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, site: str = "resid_post",
-              target: str = "category", folds: int = 5, permutations: int = 20, twin: bool = True, seed: int = 0,
+              target: str = "category", folds: int = 5, permutations: int = 20, early_stop: bool = True,
+              twin: bool = True, seed: int = 0,
               pool: str = "word", say: Callable[[str], None] = lambda message: None, scan_progress=None,
               probe_progress=None) -> ProbeOutcome:
     """Probe every layer of a scan (or of a cached scan made now) and of the untrained twin's scan."""
-    from ..analysis.probes import decodable_span, probe_layers
+    from ..analysis.probes import FIRST_LOOK, decodable_span, probe_layers
     from ..capture.scan import ScanSettings, cached_scan
     from ..models import load
     from ..models.twin import make_twin
@@ -128,10 +135,11 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
         raise MlxscanError(f"the scan has no site {site!r} (it has {', '.join(scan.sites)}); pass --site")
     y, classes = labels_for(scan, target)
     groups = scan.groups
-    say(f"probing {len(scan.layers)} layers ({folds} group folds by word, {permutations} permutations)")
+    say(f"probing {len(scan.layers)} layers ({folds} group folds by word, {permutations} permutations"
+        + (f"; {FIRST_LOOK} where they settle the verdict)" if early_stop and permutations > FIRST_LOOK else ")"))
     # probe_layers indexes positions along the scan's layer axis; layer_numbers maps them back.
-    trained = probe_layers(scan[site], y, groups, folds=folds, permutations=permutations, seed=seed,
-                           progress=probe_progress)
+    trained = probe_layers(scan[site], y, groups, folds=folds, permutations=permutations, early_stop=early_stop,
+                           seed=seed, progress=probe_progress)
     twin_report, twin_scan = None, None
     if twin:
         if model is None:
@@ -141,8 +149,8 @@ def run_probe(*, scan=None, model_ref=None, stimuli_path: Path | None = None, si
         say(f"scanning the untrained twin (seed {seed}; cached)")
         twin_scan = cached_scan(twin_model, scan.stimuli, settings, progress=scan_progress)
         say("probing the twin the same way")
-        twin_report = probe_layers(twin_scan[site], y, groups, folds=folds, permutations=permutations, seed=seed,
-                                   progress=probe_progress)
+        twin_report = probe_layers(twin_scan[site], y, groups, folds=folds, permutations=permutations,
+                                   early_stop=early_stop, seed=seed, progress=probe_progress)
     best = scan.layers[max(trained.layers, key=lambda item: item.accuracy).layer]
     say(f"depth questions at the best layer ({best})")
     depth = {"layer": best, **depth_questions(np.asarray(scan.layer(site, best), np.float64), y, groups,

@@ -69,7 +69,7 @@ def claim(ctx: StepContext, suffix: str, evidence: Evidence, *, hypothesis: str,
 
 
 def null_tail(observed: float, null) -> float:
-    """Upper tail of a normal fitted to null draws (the probe's p_gaussian recipe), floored at P_FLOOR."""
+    """Upper tail of a normal fitted to null draws, floored at P_FLOOR (the probe now uses a Student-t prediction)."""
     null = np.asarray(null, np.float64)
     null = null[np.isfinite(null)]
     sd = null.std(ddof=1) if len(null) > 1 else 0.0
