@@ -334,7 +334,7 @@ def _print_probe(record: dict, out_dir) -> None:
     click.echo(f"{record['model']}  site {record['site']}  target {record['target']} ({len(record['classes'])} classes, "
                f"chance {record['chance']:.3f})  {record['folds']} word-grouped folds, {record['permutations']} permutations"
                + (f" (perm: how many ran; {record['first_look']} where they settled the verdict)"
-                  if record["early_stop"] else ""))
+                  if record["early_stop"] and record["permutations"] > record["first_look"] else ""))
     header = f"{'layer':>5}  {'accuracy':>8}  {'95% CI':>16}  {'AUC':>5}  {'p':>8}  {'perm':>4}"
     click.echo(header + ("  " + f"{'twin acc':>8}  {'twin p':>8}  {'perm':>4}" if twin else ""))
     for row in record["layers"]:

@@ -117,6 +117,22 @@ def test_early_stop_spends_permutations_only_where_the_verdict_is_open():
     assert summary["layers"][0]["permutations_run"] == 5
 
 
+def test_early_stop_edge_cases_keep_layers_apart_and_open():
+    X, y, groups = planted_layers(5, strengths=[6.0, 0.0, 1.05])
+    # A layer listed twice is probed twice, each copy with its own second batch.
+    twice = probe_layers(X, y, groups, layers=[2, 2, 0], permutations=7, n_jobs=1)
+    assert [layer.permutations_run for layer in twice.layers] == [7, 7, 5]
+    assert twice.layers[0] == twice.layers[1]
+    # Shuffles that all score alike at the first look give no spread to judge by: the layer stays open.
+    constant = np.zeros((len(y), 1, 16))
+    flat = probe_layers(constant, y, groups, permutations=7, n_jobs=1)
+    assert flat.layers[0].settled_early is None and flat.layers[0].permutations_run == 7
+    assert probes.early_verdicts([], draws=5) == []
+    # The report keeps the level its early verdicts used, and its span uses it too.
+    lenient = probe_layers(X, y, groups, permutations=7, alpha=0.2, n_jobs=1)
+    assert lenient.alpha == 0.2 and lenient.to_dict()["decodable_span"]["alpha"] == 0.2
+
+
 def test_word_identity_leaks_through_ungrouped_folds_only():
     # Every word is its own random vector and category is only a lookup from the word: a probe can
     # learn word -> category from a word's other sentences, which grouped folds never show it.

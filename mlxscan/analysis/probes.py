@@ -100,19 +100,20 @@ class ProbeReport:
     permutations: int  # at most, per layer
     first_look: int  # shuffles every layer runs; the rest come in a second batch
     early_stop: bool  # whether a layer the first look settled skips the second batch
+    alpha: float  # family-wise level of the early verdicts and of the decodable span
     seed: int
     C: float
     oof_probabilities: np.ndarray  # [n_layers_probed, n, n_classes] out-of-fold probabilities
     null_accuracies: np.ndarray  # [n_layers_probed, permutations] accuracies under group-permuted labels; NaN: not run
     fold_of: np.ndarray  # [n] the test fold of each stimulus (real labels; shuffles get their own, see probe_layers)
 
-    def decodable_span(self, alpha: float = 0.05) -> float:
+    def decodable_span(self, alpha: float | None = None) -> float:
         """Fraction of probed layers significant after Holm correction, using p_gaussian.
 
         p_gaussian, not p_empirical: with P permutations p_empirical cannot go below 1/(P+1), so with
         few permutations no layer could survive a correction for 30 layers however strong its signal.
         """
-        return decodable_span([layer.p_gaussian for layer in self.layers], alpha=alpha)
+        return decodable_span([layer.p_gaussian for layer in self.layers], alpha=self.alpha if alpha is None else alpha)
 
     def to_dict(self) -> dict:
         """JSON-able summary, without the big arrays (see `arrays`)."""
@@ -123,8 +124,8 @@ class ProbeReport:
             "folds": self.folds, "permutations": self.permutations, "first_look": self.first_look,
             "early_stop": self.early_stop,
             "seed": self.seed, "C": self.C,
-            "decodable_span": {"fraction": self.decodable_span(0.05) if self.permutations >= 2 else None,
-                               "alpha": 0.05, "correction": "holm", "p_value": "p_gaussian"},
+            "decodable_span": {"fraction": self.decodable_span() if self.permutations >= 2 else None,
+                               "alpha": self.alpha, "correction": "holm", "p_value": "p_gaussian"},
         }
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -445,6 +446,8 @@ def early_verdicts(p_first_look, draws: int, alpha: float = 0.05) -> list[str | 
     adds a false positive. Between the two, only more permutations can tell (NaN p: open).
     """
     p = np.asarray(p_first_look, dtype=np.float64)
+    if len(p) == 0:
+        return []
     significant = p <= alpha / (EARLY_SHARE * len(p))
     futile = np.zeros(len(p), dtype=bool)
     while True:  # each layer given up lowers the bar for the others; F only grows, so this ends
@@ -526,52 +529,58 @@ def probe_layers(X, y, groups, *, layers: Sequence[int] | None = None, folds: in
     fold_sets = np.stack([make_folds(labels, groups, folds=folds, seed=seed) for labels in label_sets[:first]])
     weights = _resample_weights(groups, seed)
 
-    def fitted(positions, sets):
+    def fitted(some_layers, sets):
         # One job per layer, each fitting all (labelling, fold) pairs of its layer together, in layer order.
         jobs = (delayed(_probe_layer)(X[:, layer], f"layer {layer}", label_sets[sets], fold_sets[sets], n_classes, C)
-                for layer in positions)
+                for layer in some_layers)
         return Parallel(n_jobs=n_jobs, return_as="generator")(jobs)
 
-    oof, correct = {}, {}
-    for done, (layer, probabilities) in enumerate(zip(layers, fitted(layers, slice(0, first))), start=1):
-        oof[layer] = probabilities[0]
-        correct[layer] = probabilities.argmax(axis=2) == label_sets[:first]  # [first, n]
+    # Results by position along `layers` (a layer may be listed twice).
+    oof, correct, positions = {}, {}, list(range(len(layers)))
+    first_batch = fitted(layers, slice(0, first))
+    for done, (position, probabilities) in enumerate(zip(positions, first_batch), start=1):
+        oof[position] = probabilities[0]
+        correct[position] = probabilities.argmax(axis=2) == label_sets[:first]  # [first, n]
         if progress is not None:
             progress(done, len(layers))
-    verdicts = dict.fromkeys(layers)
+    verdicts = dict.fromkeys(positions)
     if early_stop and first < len(label_sets):
-        accuracies = [correct[layer].mean(axis=1) for layer in layers]  # real labels first, then the shuffles
-        first_p = [_p_values(observed[0], observed[1:])[1] for observed in accuracies]
-        verdicts = dict(zip(layers, early_verdicts(first_p, first - 1, alpha)))
-    remaining = [layer for layer in layers if first < len(label_sets) and verdicts[layer] is None]
+        first_p = []
+        for position in positions:
+            accuracies = correct[position].mean(axis=1)  # the real labels first, then the shuffles
+            _, p, _, sd = _p_values(accuracies[0], accuracies[1:])
+            first_p.append(p if sd > 0 else math.nan)  # shuffles that all scored alike say nothing yet
+        verdicts = dict(zip(positions, early_verdicts(first_p, first - 1, alpha)))
+    remaining = [position for position in positions if first < len(label_sets) and verdicts[position] is None]
+    # The second batch's total is known only now: progress counts on from len(layers) to this.
     total = len(layers) + len(remaining)
     if remaining:  # the second batch's folds (StratifiedGroupKFold takes ~30 ms a labelling)
         fold_sets = np.concatenate([fold_sets] + [make_folds(labels, groups, folds=folds, seed=seed)[None]
                                                   for labels in label_sets[first:]])
-    rest = fitted(remaining, slice(first, None)) if remaining else ()
-    for done, (layer, probabilities) in enumerate(zip(remaining, rest), start=len(layers) + 1):
-        correct[layer] = np.concatenate([correct[layer], probabilities.argmax(axis=2) == label_sets[first:]])
+    second_batch = fitted([layers[position] for position in remaining], slice(first, None)) if remaining else ()
+    for done, (position, probabilities) in enumerate(zip(remaining, second_batch), start=len(layers) + 1):
+        correct[position] = np.concatenate([correct[position], probabilities.argmax(axis=2) == label_sets[first:]])
         if progress is not None:
             progress(done, total)
 
     results, null_accuracies = [], np.full((len(layers), permutations), np.nan)
     for position, layer in enumerate(layers):
-        accuracies = correct[layer].mean(axis=1)
+        accuracies = correct[position].mean(axis=1)
         null_accuracies[position, :len(accuracies) - 1] = accuracies[1:]
-        auc = roc_auc_score(y_index, oof[layer], multi_class="ovr", average="macro", labels=np.arange(n_classes))
+        auc = roc_auc_score(y_index, oof[position], multi_class="ovr", average="macro", labels=np.arange(n_classes))
         p_empirical, p_gaussian, null_mean, null_sd = _p_values(accuracies[0], accuracies[1:])
         results.append(LayerProbe(
             layer=layer, accuracy=float(accuracies[0]),
-            accuracy_ci=_interval(_weighted_accuracy(correct[layer][0], weights)),
-            auc=float(auc), auc_ci=_interval(np.nanmean(_weighted_ovr_auc(y_index, oof[layer], weights), axis=1)),
+            accuracy_ci=_interval(_weighted_accuracy(correct[position][0], weights)),
+            auc=float(auc), auc_ci=_interval(np.nanmean(_weighted_ovr_auc(y_index, oof[position], weights), axis=1)),
             p_empirical=p_empirical, p_gaussian=p_gaussian, null_mean=null_mean, null_sd=null_sd,
-            permutations_run=len(accuracies) - 1, settled_early=verdicts[layer]))
+            permutations_run=len(accuracies) - 1, settled_early=verdicts[position]))
 
     return ProbeReport(
         layers=tuple(results), classes=tuple(classes.tolist()), chance=1 / n_classes,
         majority_rate=float(np.bincount(y_index).max() / len(y_index)), n_classes=n_classes, folds=folds,
-        permutations=permutations, first_look=first_look, early_stop=early_stop, seed=seed, C=C,
-        oof_probabilities=np.stack([oof[layer] for layer in layers]), null_accuracies=null_accuracies,
+        permutations=permutations, first_look=first_look, early_stop=early_stop, alpha=alpha, seed=seed, C=C,
+        oof_probabilities=np.stack([oof[position] for position in positions]), null_accuracies=null_accuracies,
         fold_of=fold_sets[0])
 
 
