@@ -8,8 +8,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import PredefinedSplit, StratifiedKFold, cross_val_predict, cross_val_score
 
 from mlxscan.analysis import probes
-from mlxscan.analysis.probes import (concept_rank, decodable_span, holm_reject, linear_probe, make_folds, mlp_gap,
-                                     permute_labels_by_group, probe_layers, retention)
+from mlxscan.analysis.probe_depth import concept_rank, mlp_gap, retention
+from mlxscan.analysis.probes import (decodable_span, holm_reject, linear_probe, make_folds, permute_labels_by_group,
+                                     probe_layers)
 from mlxscan.analysis.logistic import fit_many, out_of_fold_probabilities
 from mlxscan.errors import MlxscanError
 

@@ -77,7 +77,7 @@ def labels_for(scan, target: str) -> tuple[np.ndarray, list[str]]:
 
 def depth_questions(X_layer: np.ndarray, y, groups, *, folds: int, seed: int, classes: list[str]) -> dict:
     """Rank-1, retention and the nonlinear gap at one layer, as JSON-able numbers."""
-    from ..analysis.probes import concept_rank, mlp_gap, retention
+    from ..analysis.probe_depth import concept_rank, mlp_gap, retention
 
     rank = concept_rank(X_layer, y, groups, folds=folds, seed=seed)
     kept = retention(X_layer, y, groups, folds=folds, seed=seed)
