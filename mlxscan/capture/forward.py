@@ -330,12 +330,19 @@ def _layers_and_head(model, h, masks, taps, first_layer: int, last_layer: int, w
 MIN_TOKENS_SAVED = 32
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens two lists begin with alike."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
 def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
     """Tokens every list begins with, leaving each list at least one of its own; 0 when too few to pay."""
-    shortest = min(len(tokens) for tokens in token_lists)
-    length = 0
-    while length < shortest - 1 and all(tokens[length] == token_lists[0][length] for tokens in token_lists):
-        length += 1
+    length = min(min(len(tokens) - 1, common_prefix_length(token_lists[0], tokens)) for tokens in token_lists)
     return length if length * (len(token_lists) - 1) >= MIN_TOKENS_SAVED else 0
 
 
@@ -420,6 +427,7 @@ def _run_after_shared_prefix(model, padded: np.ndarray, prefix: int, sites, reco
             share = weights[:, :prefix, 0]  # [rows, prefix]
             recorded[site] = [b + (share @ a[0]) for a, b in zip(head[site], tail.recorded[site])]
     return recorded
+
 
 def _pooling(pool_weights, sites, seq_len: int) -> dict[str, mx.array]:
     """One form inside: {site: [batch, seq, 1]}; each distinct weights array is copied to MLX once."""

@@ -21,7 +21,7 @@ from .. import _blas
 from ..errors import MlxscanError
 from ..stimuli import StimulusSet
 from ..store.scan_store import FORMAT, POOLS, Scan, ScanWriter, now, read_manifest
-from .forward import PrefixReuse, run_tokens
+from .forward import PrefixReuse, common_prefix_length, run_tokens
 from .sites import LAYER_SITES, site_width
 
 
@@ -93,7 +93,7 @@ def prefix_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[
     shared = 0
     for i in order:
         if batches and len(batches[-1]) < batch_size:
-            common = min(shared, _common_length(token_ids[batches[-1][0]], token_ids[i]))
+            common = min(shared, common_prefix_length(token_ids[batches[-1][0]], token_ids[i]))
             if common >= shared or len(batches[-1]) < batch_size // 2:
                 batches[-1].append(i)
                 shared = common
@@ -101,15 +101,6 @@ def prefix_batches(token_ids: Sequence[Sequence[int]], batch_size: int) -> list[
         batches.append([i])
         shared = len(token_ids[i])
     return batches
-
-
-def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
 
 
 def check_settings(model, settings: ScanSettings) -> ScanSettings:
