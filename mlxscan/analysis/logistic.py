@@ -20,8 +20,8 @@ in ~36 steps where plain L-BFGS (scikit-learn's) takes ~230; on the trained mode
 REFRESH_AFTER steps it is rebuilt once from the rows' curvature at the current point (X' diag(c) X + λ,
 c the mean p (1 - p) of each row in the reference problems), and the memory restarts: confidently
 classified rows no longer count. On 6 labellings x 5 folds of the category scan, the median problem
-then takes 29 / 38 / 52 steps at the trained model's layers 2 / 15 / 27 instead of 64 / 67 / 65, and
-26-27 on the twin's instead of 34-45.
+then takes 29 / 38 / 52 steps at the trained model's layers 2 / 15 / 27 instead of 64 / 68 / 65, and
+26-27 on the twin's instead of 34-46 (scripts/bench_probe_solver.py).
 Its direction is computed in the compact form (Byrd, Nocedal & Schnabel 1994), the same matrix as the
 two-loop recursion's: with M applied to each gradient once, and M y kept beside each step s, a step
 costs one product with M and two passes over the memory. At tol=1e-5 on a scan layer (105 problems,
