@@ -4,7 +4,10 @@ Every analysis of a study states what it found as `Claim`s: one hypothesis, the 
 control, the effect with a 95% interval, an uncorrected p-value, a replication check and the files the
 numbers came from. `judge` then decides each claim under explicit thresholds: `supported` only when
 it beats its control after correction for every test in the study *and* replicates; otherwise `null`
-(or `failed-control`, when the statistic beats chance but not its control), reported alike.
+(or `failed-control`, when the statistic beats chance but not its control), reported alike. A claim
+whose test cannot be run (its null is degenerate or too small, or its readout never beat chance, so
+there is nothing to remove) has p = NaN and `untestable` set to the reason: it is `untestable`, listed
+with that reason, and left out of the correction's family (it is no test).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from .errors import MlxscanError
 from .models.hashing import sha256_of
 
 __all__ = ["Claim", "GateThresholds", "VERDICTS", "CORRECTIONS", "judge", "correct", "file_record", "sha256_of",
-           "claims_record", "claims_to_json", "claims_from_json", "thresholds_from_dict"]
+           "claims_record", "claims_to_json", "claims_from_json", "thresholds_from_dict", "is_testable",
+           "untestable_claim", "claims_lines"]
 
-VERDICTS = ("supported", "null", "failed-control")
+VERDICTS = ("supported", "null", "failed-control", "untestable")
 CORRECTIONS = ("holm", "bonferroni", "none")
 REPLICATION_KEYS = ("kind", "value", "passed")
 
@@ -54,6 +58,11 @@ class Claim:
     # Optional: p of the statistic against chance (not its control). Where given and significant after
     # the same correction, a claim that fails its control is `failed-control` rather than `null`.
     chance_p: float | None = None
+    # Why the claim cannot be tested (empty when it can): the gate then says `untestable` with this reason.
+    untestable: str = ""
+    # Claims that hold for any direction (norm invariance, additivity) do not depend on the labels: a
+    # negative-control study lists them apart instead of counting them against the labels.
+    label_free: bool = False
 
     def __post_init__(self):
         if not self.id or not isinstance(self.id, str):
@@ -138,17 +147,34 @@ def judge(claims: list[Claim], thresholds: GateThresholds | None = None) -> list
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise MlxscanError(f"claim ids must be unique within a study; repeated: {', '.join(duplicates)}")
-    corrected = correct([claim.p for claim in claims], thresholds.correction)
-    with_chance = [i for i, claim in enumerate(claims) if claim.chance_p is not None]
+    testable = [i for i, claim in enumerate(claims) if is_testable(claim)]
+    corrected = dict(zip(testable, correct([claims[i].p for i in testable], thresholds.correction)))
+    with_chance = [i for i in testable if claims[i].chance_p is not None]
     chance_corrected = dict(zip(with_chance, correct([claims[i].chance_p for i in with_chance],
                                                      thresholds.correction)))
-    label = f"{thresholds.correction} over {len(claims)} tests"
+    label = f"{thresholds.correction} over {len(testable)} tests"
     judged = []
     for i, claim in enumerate(claims):
+        if i not in corrected:
+            reason = claim.untestable or "p is undefined (the null is degenerate or too small)"
+            judged.append(dataclasses.replace(claim, p=math.nan, p_corrected=math.nan, correction=label,
+                                              verdict="untestable", reason=f"untestable: {reason}",
+                                              untestable=reason))
+            continue
         verdict, reason = _verdict(claim, float(corrected[i]), chance_corrected.get(i), thresholds)
         judged.append(dataclasses.replace(claim, p_corrected=float(corrected[i]), correction=label,
                                           verdict=verdict, reason=reason))
     return judged
+
+
+def is_testable(claim: Claim) -> bool:
+    """A claim is a test when nothing marks it untestable and its p is a number."""
+    return not claim.untestable and math.isfinite(claim.p)
+
+
+def untestable_claim(claim: Claim, reason: str) -> Claim:
+    """The same claim, marked untestable (p NaN) for `reason`."""
+    return dataclasses.replace(claim, p=math.nan, untestable=reason)
 
 
 def _verdict(claim: Claim, p_corrected: float, chance_corrected: float | None,
@@ -206,6 +232,24 @@ def claims_record(claims: list[Claim], thresholds: GateThresholds | None = None)
     """claims.json's content, JSON-ready (NaN as None): {"thresholds", "n_tests", "claims"}."""
     return {"thresholds": dataclasses.asdict(thresholds or GateThresholds()), "n_tests": len(claims),
             "claims": [claim.to_dict() for claim in claims]}
+
+
+def claims_lines(claims: list[Claim]) -> list[str]:
+    """A judged claim table for a terminal: id, effect, CI, p, corrected p, verdict; untestable ones with why."""
+    if not claims:
+        return []
+    width = max(len(claim.id) for claim in claims)
+    lines = [f"claims (default gate, {claims[0].correction or 'not judged'} within this command):",
+             f"  {'claim':<{width}}  {'effect':>9}  {'95% CI':>21}  {'p':>8}  {'p corr':>8}  verdict"]
+    for claim in claims:
+        low, high = claim.ci
+        p_corrected = math.nan if claim.p_corrected is None else claim.p_corrected
+        line = (f"  {claim.id:<{width}}  {claim.effect:>9.3g}  [{low:>9.3g}, {high:>9.3g}]  {claim.p:>8.2g}  "
+                f"{p_corrected:>8.2g}  {claim.verdict or 'not judged'}")
+        if claim.verdict == "untestable":
+            line += f" ({claim.untestable})"
+        lines.append(line)
+    return lines
 
 
 def claims_to_json(claims: list[Claim], thresholds: GateThresholds | None = None) -> str:

@@ -183,7 +183,7 @@ def test_json_round_trip_keeps_everything(tmp_path):
     assert record["claims"][1]["p"] is None
     back = claims_from_json(text)
     assert back[0] == claims[0]
-    assert math.isnan(back[1].p) and back[1].verdict == "null"
+    assert math.isnan(back[1].p) and back[1].verdict == "untestable"  # a NaN p is no test (issue 21 item 7)
     (tmp_path / "claims.json").write_text(text)
     assert claims_from_json(tmp_path / "claims.json")[0] == claims[0]
     assert claims_from_json(record)[0] == claims[0]
@@ -198,3 +198,14 @@ def test_file_record_is_relative_and_hashes_the_bytes(tmp_path):
                       "sha256": "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"}
     with pytest.raises(MlxscanError, match="outside"):
         file_record(path, tmp_path / "steps" / "b")
+
+
+def test_untestable_claims_leave_the_family_and_say_why():
+    # Two real tests and one whose null was degenerate: Holm runs over the two, the third says why.
+    claims = [synthetic("a", 0.02), synthetic("b", 0.02), synthetic("c", 0.001)]
+    from mlxscan.claims import untestable_claim
+    claims[2] = untestable_claim(claims[2], "the clean readout does not beat chance")
+    judged = judge(claims)
+    assert judged[2].verdict == "untestable" and "does not beat chance" in judged[2].reason
+    assert math.isnan(judged[2].p_corrected)
+    assert judged[0].p_corrected == pytest.approx(0.04) and judged[0].correction == "holm over 2 tests"

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 from scipy.stats import norm
 
-from ..claims import Claim, file_record
+from ..claims import Claim, file_record, sha256_of
 from ..errors import MlxscanError
 from .evidence import P_FLOOR, Evidence, grouped_evidence, weighted_mean
 
@@ -27,11 +27,12 @@ class StepContext:
     command: str
     options: dict        # the step's command options, as the study file gave them
     settings: dict       # the step's `claims` table
-    stimuli_path: Path
+    stimuli_path: Path | None
+    step_folder: Path | None = None  # where the step's files are, when not study_dir/steps/name (a command's --out)
 
     @property
     def folder(self) -> Path:
-        return self.study_dir / "steps" / self.name
+        return self.step_folder if self.step_folder is not None else self.study_dir / "steps" / self.name
 
     def json(self, filename: str) -> dict:
         path = self.folder / filename
@@ -48,8 +49,12 @@ class StepContext:
 
     def files(self, *filenames: str, stimuli: bool = False) -> list[dict]:
         """data_files records: the step's files (and the stimuli copy) with their sha256."""
-        paths = [self.folder / name for name in filenames] + ([self.stimuli_path] if stimuli else [])
-        return [file_record(path, self.study_dir) for path in paths]
+        records = [file_record(self.folder / name, self.study_dir) for name in filenames]
+        if stimuli:  # a command's stimuli may lie outside its --out folder: then their absolute path
+            inside = Path(self.stimuli_path).resolve().is_relative_to(Path(self.study_dir).resolve())
+            records.append(file_record(self.stimuli_path, self.study_dir) if inside else
+                           {"path": str(Path(self.stimuli_path).resolve()), "sha256": sha256_of(self.stimuli_path)})
+        return records
 
     def option(self, name: str, default):
         return self.options.get(name, self.options.get(name.replace("-", "_"), default))
@@ -57,6 +62,8 @@ class StepContext:
     def stimuli(self):
         from ..stimuli import load_stimuli
 
+        if self.stimuli_path is None:
+            raise MlxscanError(f"step {self.name}: its claims need the stimuli it ran on")
         return load_stimuli(self.stimuli_path)
 
 
@@ -224,6 +231,22 @@ def _registry() -> dict[str, Callable[[StepContext], list[Claim]]]:
     return {"probe": probe_claims, "selectivity": selectivity_claims, "cka": cka_claims, "ica": ica_claims,
             "ablate": ablate_claims, "steer": steer_claims, "invariance": invariance_claims,
             "connectome": connectome_claims}
+
+
+def claims_of_folder(command: str, folder: Path, options: dict, stimuli_path: Path | None = None,
+                     settings: dict | None = None) -> list[Claim]:
+    """The claims of one command's --out folder, ids prefixed with the command's name (no gate applied).
+
+    What a command prints under `claims`: the same adapters a study uses, on the files the command wrote,
+    so a command and a study step with the same options make the same claims."""
+    adapter = _registry().get(command)
+    if adapter is None:
+        return []
+    folder = Path(folder)
+    ctx = StepContext(study_dir=folder, name=command, command=command, options=dict(options),
+                      settings=dict(settings or {}), stimuli_path=None if stimuli_path is None else Path(stimuli_path),
+                      step_folder=folder)
+    return adapter(ctx)
 
 
 def claims_of_step(study_dir: Path, record: dict, entry: dict) -> list[Claim]:

@@ -1,4 +1,4 @@
-"""Adapters of the causal experiments (ablate, steer, invariance) and of the connectome's topography.
+"""Adapters of the causal experiments (ablate, steer, invariance).
 
 The causal experiments run on a seeded word subsample of the stimuli; its words (the resampling unit)
 are recomputed from the study's stimuli with the step's --per-category, --frames and --seed, and checked
@@ -163,35 +163,4 @@ def invariance_claims(ctx: StepContext) -> list[Claim]:
         statistic=f"concept shift at x{max(factors):g} minus at x{min(factors):g}",
         value=arrays["concept_shift"][high].mean(), control=f"the shift at x{min(factors):g}",
         control_value=arrays["concept_shift"][low].mean()))
-    return claims
-
-
-# ---------------------------------------------------------------------------------------------
-# connectome: topography
-
-
-def connectome_claims(ctx: StepContext) -> list[Claim]:
-    """Index topography per layer: do neighbouring units prefer the same categories (the seed: no)?"""
-    record, arrays = ctx.json("connectome.json"), ctx.npz("connectome.npz")
-    files = ctx.files("connectome.json", "connectome.npz")
-    claims = []
-    for row in record.get("topography") or []:
-        layer = row["layer"]
-        d = np.asarray(arrays[f"topography_layer{layer}_selectivity"], np.float64)
-        null = arrays[f"topography_layer{layer}_null"]
-        profiles = d.T - d.T.mean(axis=1, keepdims=True)  # as analysis.topography: centred d' profiles
-        norms = np.linalg.norm(profiles, axis=1)
-        profiles = profiles[norms > 1e-12 * (1 + np.abs(d).max())]
-        profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
-        pairs = np.einsum("ik,ik->i", profiles[:-1], profiles[1:])  # neighbour agreement of each pair
-        evidence = grouped_evidence(weighted_mean(pairs - null.mean()), np.arange(len(pairs)).astype(str),
-                                    seed=layer, resamples=1000, unit="neighbouring pairs")
-        evidence = Evidence(evidence.effect, evidence.ci, null_tail(pairs.mean(), null),
-                            f"one-sided: normal tail fitted to {len(null)} shuffled unit orders; CI: bootstrap over "
-                            "neighbouring pairs", evidence.replication)
-        claims.append(claim(
-            ctx, f"topography.L{layer}", evidence, data_files=files,
-            hypothesis=f"Index-neighbouring units of layer {layer} prefer the same categories (a topographic map)",
-            statistic="mean signal correlation of neighbouring units' d' profiles", value=pairs.mean(),
-            control="the same after shuffling the units' order", control_value=null.mean()))
     return claims

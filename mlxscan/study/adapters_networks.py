@@ -29,9 +29,8 @@ from ..analysis.connectome import clustering, path_length
 from ..analysis.graph_nulls import _from_edges
 from ..claims import Claim
 from ..errors import MlxscanError
-from .adapters import StepContext, claim
-from .adapters_causal import connectome_claims as topography_claims
-from .evidence import HALF_ALPHA, P_FLOOR, Evidence
+from .adapters import StepContext, claim, null_tail
+from .evidence import HALF_ALPHA, P_FLOOR, Evidence, grouped_evidence, weighted_mean
 
 
 def partition_q(edges: np.ndarray, community: np.ndarray) -> float:
@@ -152,3 +151,34 @@ def _replication(others: dict) -> dict:
 def connectome_claims(ctx: StepContext) -> list[Claim]:
     """Small-world and modularity claims of every graph, then the index topography claims per layer."""
     return graph_claims(ctx) + topography_claims(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+# connectome: topography
+
+
+def topography_claims(ctx: StepContext) -> list[Claim]:
+    """Index topography per layer: do neighbouring units prefer the same categories (the seed: no)?"""
+    record, arrays = ctx.json("connectome.json"), ctx.npz("connectome.npz")
+    files = ctx.files("connectome.json", "connectome.npz")
+    claims = []
+    for row in record.get("topography") or []:
+        layer = row["layer"]
+        d = np.asarray(arrays[f"topography_layer{layer}_selectivity"], np.float64)
+        null = arrays[f"topography_layer{layer}_null"]
+        profiles = d.T - d.T.mean(axis=1, keepdims=True)  # as analysis.topography: centred d' profiles
+        norms = np.linalg.norm(profiles, axis=1)
+        profiles = profiles[norms > 1e-12 * (1 + np.abs(d).max())]
+        profiles /= np.linalg.norm(profiles, axis=1, keepdims=True)
+        pairs = np.einsum("ik,ik->i", profiles[:-1], profiles[1:])  # neighbour agreement of each pair
+        evidence = grouped_evidence(weighted_mean(pairs - null.mean()), np.arange(len(pairs)).astype(str),
+                                    seed=layer, resamples=1000, unit="neighbouring pairs")
+        evidence = Evidence(evidence.effect, evidence.ci, null_tail(pairs.mean(), null),
+                            f"one-sided: normal tail fitted to {len(null)} shuffled unit orders; CI: bootstrap over "
+                            "neighbouring pairs", evidence.replication)
+        claims.append(claim(
+            ctx, f"topography.L{layer}", evidence, data_files=files,
+            hypothesis=f"Index-neighbouring units of layer {layer} prefer the same categories (a topographic map)",
+            statistic="mean signal correlation of neighbouring units' d' profiles", value=pairs.mean(),
+            control="the same after shuffling the units' order", control_value=null.mean()))
+    return claims
