@@ -69,21 +69,34 @@ def _baseline(model, stimuli, per_category, frames, layer, readout_layer, seed, 
                             scan_progress=ProgressBar("scan", enabled=False if as_json else None))
 
 
-def _finish(record: dict, arrays: dict, out_dir, stem: str, as_json: bool, table, plot=None) -> None:
-    """Write --out (record, arrays, plot), then print the record or the table."""
+def _finish(record: dict, arrays: dict, out_dir, stem: str, as_json: bool, table, plot=None, *,
+            claims_of: tuple[str, dict, Path] | None = None) -> None:
+    """Write --out (record, arrays, plot), judge the command's claims from those files (claims_of: command,
+    options, stimuli path), then print the record (claims under "claims") or the table and its claims."""
+    from .command_claims import claims_lines, command_claims, output_folder
     from .outputs import write_outputs
 
-    if out_dir:
-        write_outputs(out_dir, {f"{stem}.json": record, f"{stem}.npz": arrays})
-        if plot is not None:
+    judged = []
+    with output_folder(out_dir) as folder:
+        write_outputs(folder, {f"{stem}.json": record, f"{stem}.npz": arrays})
+        if claims_of is not None:
+            command, options, stimuli_path = claims_of
+            judged, record["claims"] = command_claims(command, folder, options, stimuli_path=stimuli_path)
+        if plot is not None and out_dir:
             plot(Path(out_dir))
     if as_json:
         click.echo(json.dumps(record))
     else:
-        for line in table(record):
+        for line in table(record) + claims_lines(judged):
             click.echo(line)
         if out_dir:
-            click.echo(f"saved {stem}.json, {stem}.npz{' and PNG' if plot else ''} in {out_dir}")
+            click.echo(f"saved {stem}.json, {stem}.npz{' and PNG' if plot else ''}"
+                       f"{', claims.json' if claims_of else ''} in {out_dir}")
+
+
+def _claim_options(per_category, frames, seed) -> dict:
+    """The options the claims' adapters read back (0 means everything, as on the command line)."""
+    return {"per-category": per_category or 0, "frames": frames or 0, "seed": seed}
 
 
 def _ci(pair, signed: bool = True, digits: int = 3) -> str:
@@ -128,7 +141,8 @@ def ablate(model_ref, stimuli_path, per_category, frames, layer, readout_layer, 
     result = run_ablation(model, baseline, k=k, draws=draws, direction_draws=direction_draws, mode=ablate_mode,
                           say=_progress(as_json))
     _finish(result.to_dict(), result.arrays(), out_dir, "ablation", as_json, _ablation_table,
-            lambda folder: _ablation_plot(folder, result.to_dict()))
+            lambda folder: _ablation_plot(folder, result.to_dict()),
+            claims_of=("ablate", _claim_options(per_category, frames, seed), stimuli_path or _default_stimuli()))
 
 
 ARM_LABELS = {"top_units": "top-{k} units (own)", "random_units": "{k} random units",
@@ -189,8 +203,10 @@ def _ablation_plot(folder: Path, record: dict) -> None:
               help="Instead of the analyses: greedy continuations of PROMPT, plain and steered at each α.")
 @click.option("--category", default=None, help="Category steered toward with --generate (default: the first).")
 @click.option("--max-tokens", type=int, default=20, show_default=True, help="Tokens generated with --generate.")
+@click.option("--random-draws", type=int, default=10, show_default=True,
+              help="Random directions of the same norm at --steer-alpha: the control of the shifts claim (2 or more).")
 def steer(model_ref, stimuli_path, per_category, frames, layer, readout_layer, seed, as_json, out_dir, alphas,
-          additivity_alpha, max_layers, steer_alpha, prompt, category, max_tokens):
+          additivity_alpha, max_layers, steer_alpha, prompt, category, max_tokens, random_draws):
     """Add a category direction to the residual: additivity, dose-response, steerability vs dimensionality.
 
     The effect is the concept shift at the readout layer (movement along the category's readout
@@ -211,11 +227,14 @@ def steer(model_ref, stimuli_path, per_category, frames, layer, readout_layer, s
     if category is not None:
         raise _BadInput("--category chooses the direction of --generate; the analyses steer every category")
     check_steering(grid, additivity_alpha, steer_alpha, max_layers)
+    if random_draws < 2:
+        raise _BadInput(f"--random-draws {random_draws}: the random-direction control needs 2 draws or more")
     baseline = _baseline(model, stimuli, per_category, frames, layer, readout_layer, seed, as_json)
     result = run_steering(model, baseline, alphas=grid, additivity_alpha=additivity_alpha, steer_alpha=steer_alpha,
-                          max_layers=max_layers, say=_progress(as_json))
+                          max_layers=max_layers, random_draws=random_draws, say=_progress(as_json))
     _finish(result.to_dict(), result.arrays(), out_dir, "steering", as_json, _steering_table,
-            lambda folder: _steering_plots(folder, result.to_dict()))
+            lambda folder: _steering_plots(folder, result.to_dict()),
+            claims_of=("steer", _claim_options(per_category, frames, seed), stimuli_path or _default_stimuli()))
 
 
 def _generate(model, stimuli, per_category, frames, layer, readout_layer, seed, as_json, out_dir, prompt, category,
@@ -330,7 +349,8 @@ def invariance(model_ref, stimuli_path, per_category, frames, layer, readout_lay
     baseline = _baseline(model, stimuli, per_category, frames, layer, readout_layer, seed, as_json)
     result = run_invariance(model, baseline, factors=grid, tolerance=tolerance, say=_progress(as_json))
     _finish(result.to_dict(), result.arrays(), out_dir, "invariance", as_json, _invariance_table,
-            lambda folder: _invariance_plots(folder, result.to_dict()))
+            lambda folder: _invariance_plots(folder, result.to_dict()),
+            claims_of=("invariance", _claim_options(per_category, frames, seed), stimuli_path or _default_stimuli()))
     if not result.ok:
         worst = max(result.exact.max_relative_logit_change)
         click.echo(f"Error: exact check FAILED: scaling the last residual before the final norm moved the logits by "

@@ -236,10 +236,10 @@ def test_ablation_claims_find_the_planted_direction(tmp_path):
     stimuli = StimulusSet.from_records(stimulus_records())
     y, n_classes = stimuli.labels, len(stimuli.categories)
     rng = np.random.default_rng(0)
-    clean = np.eye(n_classes)[y] + 0.8 * rng.random((len(y), n_classes))
+    clean = np.eye(n_classes)[y] + 1.2 * rng.random((len(y), n_classes))  # AUC below 1: random arms vary
 
     def near_clean(runs):
-        return np.stack([clean + 0.05 * rng.random(clean.shape) for _ in range(runs)])
+        return np.stack([clean + 0.1 * rng.random(clean.shape) for _ in range(runs)])
 
     direction = near_clean(n_classes)
     for c in range(n_classes):
@@ -248,8 +248,8 @@ def test_ablation_claims_find_the_planted_direction(tmp_path):
         "ablation.json": {"k": 5, "layer": 2, "readout_layer": 3},
         "ablation.npz": {"labels": y, "groups": stimuli.groups, "clean_probabilities": clean,
                          "direction_probabilities": direction, "top_units_probabilities": near_clean(n_classes),
-                         "random_units_probabilities": near_clean(3),
-                         "random_direction_probabilities": near_clean(2)}})
+                         "random_units_probabilities": near_clean(6),
+                         "random_direction_probabilities": near_clean(6), "testable": np.ones(n_classes, bool)}})
     from mlxscan.claims import judge
 
     verdicts = {claim.id: claim for claim in judge(ablate_claims(ctx))}
@@ -269,6 +269,9 @@ def test_additivity_is_an_equivalence_claim(tmp_path):
     rng = np.random.default_rng(1)
     single = 1.0 + 0.2 * rng.random(len(stimuli))
     arrays = {"labels": stimuli.labels, "alphas": np.array([0.5]), "shift": single[None] * 0.5,
+              "targets": (stimuli.labels + 1) % len(stimuli.categories),
+              "testable": np.ones(len(stimuli.categories), bool),
+              "random_shift": 0.05 * rng.standard_normal((8, len(single))),
               "additivity_spread_2": single * (1 + 0.01 * rng.standard_normal(len(single))),
               "additivity_single_2": single, "additivity_spread_3": 0.5 * single, "additivity_single_3": single}
     record = {"additivity": [{"n_layers": n} for n in (1, 2, 3)], "steer_alpha": 0.5, "layer": 1,
@@ -283,3 +286,8 @@ def test_additivity_is_an_equivalence_claim(tmp_path):
                            options={"per-category": 2, "frames": 0})
     with pytest.raises(MlxscanError, match="do not match the study's subsample"):
         steer_claims(other)
+    # A target category whose clean readout never beat chance: nothing to steer toward, so no test.
+    blind = synthetic_step(tmp_path, "steer", {"steering.json": record, "steering.npz": {
+        **arrays, "testable": np.zeros(len(stimuli.categories), bool)}}, options={"per-category": 0, "frames": 0})
+    shifts = {claim.id: claim for claim in judge(steer_claims(blind))}["steer.shifts"]
+    assert shifts.verdict == "untestable" and "beats chance" in shifts.reason

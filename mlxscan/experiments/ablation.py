@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import MlxscanError
-from .causal import SITE, Baseline, Say, interval, jsonable, mean_with_ci, ovr_auc, quiet, run_all
+from .causal import SITE, Baseline, Say, interval, jsonable, mean_with_ci, ovr_auc, quiet, run_all, run_groups
 
 ARMS = ("top_units", "random_units", "direction", "random_direction")
 MODES = ("mean", "zero")
@@ -151,14 +151,16 @@ class _Scorer:
 
 
 def _category_arm(scorer: _Scorer, name, description, interventions_of, say: Say) -> AblationArm:
-    """One run per category under its own interventions; each category's own ΔAUC."""
+    """One run per category under its own interventions, cross-fitted: interventions_of(c, fold) is built
+    from the fold's training words and acts on the fold's held-out stimuli; each category's own ΔAUC."""
     baseline = scorer.baseline
     n_classes = len(baseline.classes)
     points, boots = np.zeros(n_classes), np.zeros((baseline.weights.shape[0], n_classes))
     kls, agreements, changes = [], [], []
     for c, category in enumerate(baseline.classes):
         say(f"{name}: {category} ({c + 1}/{n_classes})")
-        run = run_all(scorer.model, baseline, interventions_of(c), next_token=True)
+        groups = baseline.by_fold(np.arange(len(baseline.y)), lambda fold, c=c: interventions_of(c, fold))
+        run = run_groups(scorer.model, baseline, groups, next_token=True)
         point, boot = scorer.delta_auc(name, run)
         points[c], boots[:, c] = point[c], boot[:, c]
         kl, same = scorer.next_token(run)
@@ -190,18 +192,23 @@ def run_ablation(model, baseline: Baseline, *, k: int = 20, draws: int = 10, dir
     check_ablation(model, k, draws, direction_draws, mode)
     d_prime, _ = unit_selectivity(baseline.at_layer, baseline.y)
     # |d'|: a residual dimension is a signed coordinate, so a strongly negative d' marks the category too.
-    units = top_units(np.abs(d_prime), k)  # [K, k]
+    units = top_units(np.abs(d_prime), k)  # [K, k] on every word: described, never ablated
+    fold_units = np.stack([top_units(np.abs(unit_selectivity(baseline.at_layer[baseline.fold_of != fold],
+                                                             baseline.y[baseline.fold_of != fold])[0]), k)
+                           for fold in range(len(baseline.fold_directions))])  # [F, K, k] cross-fitted
     rng = np.random.default_rng([baseline.seed, 5])
     random_units = [np.sort(rng.choice(model.d_model, k, replace=False)) for _ in range(draws)]
     random_directions = [rng.standard_normal(model.d_model) for _ in range(direction_draws)]
     scorer = _Scorer(model, baseline)
     arms = [
-        _category_arm(scorer, "top_units", f"the category's own {k} most selective units (|d'| at L)",
-                      lambda c: _unit_ablation(baseline, units[c], mode), say),
+        _category_arm(scorer, "top_units", f"the category's own {k} most selective units (|d'| at L, "
+                      "from the fold's training words)",
+                      lambda c, fold: _unit_ablation(baseline, fold_units[fold, c], mode), say),
         _random_arm(scorer, "random_units", f"{k} random units, {draws} draws",
                     lambda draw: _unit_ablation(baseline, random_units[draw], mode), draws, say),
-        _category_arm(scorer, "direction", "the category's own class-mean direction at L",
-                      lambda c: _direction_ablation(baseline, baseline.directions[c], mode), say),
+        _category_arm(scorer, "direction", "the category's own class-mean direction at L (from the fold's "
+                      "training words)",
+                      lambda c, fold: _direction_ablation(baseline, baseline.fold_directions[fold, c], mode), say),
     ]
     if direction_draws:
         arms.append(_random_arm(scorer, "random_direction", f"a random direction, {direction_draws} draws",
@@ -210,7 +217,10 @@ def run_ablation(model, baseline: Baseline, *, k: int = 20, draws: int = 10, dir
     top, random = arms[0], arms[1]
     beaten = sum(value >= top.mean_delta_auc for value in random.per_draw_mean_delta_auc)
     arrays = {"clean_probabilities": baseline.clean_probabilities, "labels": baseline.y,
-              "groups": baseline.groups, "top_units": units, "random_units": np.stack(random_units),
+              "groups": baseline.groups, "top_units": units, "fold_top_units": fold_units,
+              "fold_of": baseline.fold_of, "fold_directions": baseline.fold_directions,
+              "testable": baseline.testable, "clean_auc_ci": baseline.clean_auc_ci,
+              "random_units": np.stack(random_units),
               "directions": baseline.directions, "d_prime": d_prime, "clean_auc": scorer.clean_auc}
     arrays.update({name: np.stack(values) for name, values in scorer.saved.items()})  # [runs, n(, K)]
     return AblationResult(setup=baseline.describe(), mode=mode, k=k, clean_auc=tuple(scorer.clean_auc.tolist()),

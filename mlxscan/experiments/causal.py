@@ -11,6 +11,13 @@ Every experiment runs the same recipe:
   4. fit the readout probe on the clean activations at R (word-grouped folds) and score every arm out
      of fold with the same fitted probes, so a change in a score is a change in the activations.
 
+Cross-fitting: everything an arm is built from (directions at L and R, separations, top units) is
+estimated again per fold from the fold's training words only, and each stimulus is intervened on and
+measured with its own fold's estimates, as the readout probe scores it. Nothing fitted on a word is
+ever tested on it; estimates on every word are kept for description (`directions`), never for an arm.
+A category whose held-out clean readout does not beat chance (its AUC's word-bootstrap 95% interval
+does not lie above 0.5) has nothing to remove or steer toward: its arms are untestable (`testable`).
+
 Uncertainty is a bootstrap over words (a word's stimuli move together), paired between the clean run
 and the arm: the same resample scores both. The pure statistics here take NumPy arrays only.
 """
@@ -278,9 +285,15 @@ class Baseline:
     groups: np.ndarray  # [n] word of each stimulus
     at_layer: np.ndarray  # [n, d_model] clean, word-pooled, at L
     at_readout: np.ndarray  # [n, d_model] clean, word-pooled, at R
-    directions: np.ndarray  # [n_classes, d_model] unit class-mean differences at L (what is ablated / added)
-    readout_directions: np.ndarray  # [n_classes, d_model] the same at R (what a concept shift is measured on)
+    directions: np.ndarray  # [n_classes, d_model] unit class-mean differences at L, on every word (description only)
+    readout_directions: np.ndarray  # [n_classes, d_model] the same at R
     separation: np.ndarray  # [n_classes] (mean of the class - mean of the rest) . readout direction, at R
+    fold_directions: np.ndarray  # [folds, n_classes, d_model] the same at L from each fold's training words
+    fold_readout_directions: np.ndarray  # [folds, n_classes, d_model] at R, from each fold's training words
+    fold_separation: np.ndarray  # [folds, n_classes] separation at R on each fold's training words
+    clean_auc: np.ndarray  # [n_classes] held-out clean one-vs-rest AUC of the readout
+    clean_auc_ci: np.ndarray  # [n_classes, 2] its word-bootstrap 95% interval
+    testable: np.ndarray  # bool [n_classes]: the held-out clean readout beats chance (interval above 0.5)
     typical_norm: float  # median ||x|| at L: the unit of steering strengths
     final_norm: np.ndarray  # [n, d_model] clean last-token final-norm vectors: the next-token reference
     probe: ReadoutProbe
@@ -298,17 +311,35 @@ class Baseline:
                 "classes": self.classes, "typical_norm": self.typical_norm, "scan": self.scan_folder,
                 "rerun_matches_scan": self.rerun_error, "seed": self.seed, "model_runs": self.passes,
                 "directions": "class-mean difference (mean of the category - mean of the rest) of the clean "
-                              f"word-pooled {SITE}, unit length",
+                              f"word-pooled {SITE}, unit length, cross-fitted: each stimulus's from its fold's "
+                              "training words",
+                "clean_auc": dict(zip(self.classes, self.clean_auc.tolist())),
+                "clean_auc_ci": dict(zip(self.classes, self.clean_auc_ci.tolist())),
+                "testable": [c for c, ok in zip(self.classes, self.testable) if ok],
+                "untestable": [c for c, ok in zip(self.classes, self.testable) if not ok],
                 "readout": f"logistic probe on clean {SITE} at layer {self.readout_layer}, {len(self.probe.fitted)} "
                            "word-grouped folds, scored out of fold",
                 "intervals": f"95% bootstrap over words ({self.weights.shape[0]} resamples), paired with the clean run"}
 
+    @property
+    def fold_of(self) -> np.ndarray:
+        """[n] the fold that holds each stimulus's word out."""
+        return self.probe.fold_of
+
+    def by_fold(self, rows, interventions_of) -> list[tuple[np.ndarray, list]]:
+        """run_groups' groups: `rows` split by fold, each under interventions_of(fold) (cross-fitting)."""
+        rows = np.asarray(rows, np.int64)
+        return [(rows[self.fold_of[rows] == fold], interventions_of(fold))
+                for fold in range(len(self.fold_directions)) if np.any(self.fold_of[rows] == fold)]
+
     def concept_shift(self, readout: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """[n] how far each stimulus moved toward its target category at R, in units of that category's
-        clean separation (1 = as far as the category's mean lies from the rest's)."""
+        clean separation (1 = as far as the category's mean lies from the rest's); direction and
+        separation come from the stimulus's own fold's training words."""
+        folds = self.fold_of
         moved = np.einsum("nd,nd->n", np.asarray(readout, np.float64) - self.at_readout,
-                          self.readout_directions[targets])
-        return moved / self.separation[targets]
+                          self.fold_readout_directions[folds, targets])
+        return moved / self.fold_separation[folds, targets]
 
     def probability_change(self, readout: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """[n] change of the readout probe's P(target category) of each stimulus."""
@@ -343,14 +374,50 @@ def prepare_baseline(model, stimuli: StimulusSet, *, layer: int | None = None, r
     separation = np.array([(at_readout[y == c].mean(0) - at_readout[y != c].mean(0)) @ readout_directions[c]
                            for c in range(len(classes))])
     probe = ReadoutProbe.fit(at_readout, y, groups, seed)
+    fold_directions, fold_readout, fold_separation = cross_fitted_directions(at_layer, at_readout, y, probe.fold_of)
+    clean_probabilities = probe.probabilities(at_readout)
+    weights = word_resample_weights(groups, seed)
+    clean_auc, clean_auc_ci, testable = beats_chance(y, clean_probabilities, weights)
     return Baseline(
         model=model.ref, stimuli=subset, layer=layer, readout_layer=readout_layer, classes=list(classes), y=y,
         groups=groups, at_layer=at_layer, at_readout=at_readout, directions=directions.astype(np.float64),
-        readout_directions=readout_directions, separation=separation,
+        readout_directions=readout_directions, separation=separation, fold_directions=fold_directions,
+        fold_readout_directions=fold_readout, fold_separation=fold_separation, clean_auc=clean_auc,
+        clean_auc_ci=clean_auc_ci, testable=testable,
         typical_norm=float(np.median(np.linalg.norm(at_layer, axis=1))), final_norm=clean.last_final_norm,
-        probe=probe, clean_probabilities=probe.probabilities(at_readout),
-        weights=word_resample_weights(groups, seed), scan_folder=str(scan.folder), rerun_error=rerun_error,
+        probe=probe, clean_probabilities=clean_probabilities,
+        weights=weights, scan_folder=str(scan.folder), rerun_error=rerun_error,
         seed=seed, passes=1)
+
+
+def cross_fitted_directions(at_layer, at_readout, y, fold_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per fold, from its training stimuli only: ([F, K, d] unit directions at L, [F, K, d] at R, [F, K]
+    separation at R), so an arm applied to a held-out word never used that word."""
+    from ..analysis.directions import class_mean_directions
+
+    at_layer, at_readout = np.asarray(at_layer, np.float64), np.asarray(at_readout, np.float64)
+    at_l, at_r, separations = [], [], []
+    for fold in range(int(fold_of.max()) + 1):
+        train = fold_of != fold
+        directions, _ = class_mean_directions(at_layer[train], y[train])
+        readout, _ = class_mean_directions(at_readout[train], y[train])
+        readout = readout.astype(np.float64)
+        X, labels = at_readout[train], y[train]
+        separations.append([(X[labels == c].mean(0) - X[labels != c].mean(0)) @ readout[c]
+                            for c in range(len(readout))])
+        at_l.append(directions.astype(np.float64)), at_r.append(readout)
+    return np.stack(at_l), np.stack(at_r), np.asarray(separations, np.float64)
+
+
+def beats_chance(y, probabilities, weights) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([K] held-out one-vs-rest AUC, [K, 2] word-bootstrap 95% interval, bool [K] interval above 0.5).
+
+    A readout that does not beat chance has no category to remove: measuring a loss from it would count
+    noise (or the below-chance AUC of a balanced design's held-out words) as a destroyed concept."""
+    point = ovr_auc(y, probabilities)[0]
+    boot = ovr_auc(y, probabilities, weights)
+    ci = np.array([interval(boot[:, c]) for c in range(boot.shape[1])])
+    return point, ci, ci[:, 0] > 0.5
 
 
 def _relative_difference(a, b) -> float:

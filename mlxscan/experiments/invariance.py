@@ -157,9 +157,9 @@ def run_invariance(model, baseline: Baseline, *, factors=DEFAULT_FACTORS, tolera
         else:
             whole, whole_arrays = _scaled_arm(model, baseline, run_all(
                 model, baseline, [Scale(SITE, baseline.layer, factor=factor)], next_token=True))
-            groups = [(np.flatnonzero(baseline.y == c),
-                       [Scale(SITE, baseline.layer, factor=factor, direction=baseline.directions[c])])
-                      for c in range(n_classes)]
+            groups = [group for c in range(n_classes) for group in baseline.by_fold(  # cross-fitted directions
+                np.flatnonzero(baseline.y == c),
+                lambda fold, c=c: [Scale(SITE, baseline.layer, factor=factor, direction=baseline.fold_directions[fold, c])])]
             concept, concept_arrays = _scaled_arm(model, baseline, run_groups(model, baseline, groups, next_token=True))
         rows.append(InvarianceRow(factor=factor, whole=whole, concept=concept))
         for name, values in (("whole", whole_arrays), ("concept", concept_arrays)):
@@ -170,6 +170,7 @@ def run_invariance(model, baseline: Baseline, *, factors=DEFAULT_FACTORS, tolera
     shifts = [row.concept.shift for row in rows]
     arrays = {name: np.stack(values) for name, values in saved.items()}  # [factors, n]
     arrays.update({"factors": np.array(factors), "labels": baseline.y, "directions": baseline.directions,
+                   "testable": baseline.testable, "clean_auc_ci": baseline.clean_auc_ci, "fold_of": baseline.fold_of,
                    "exact_factors": np.array(exact.factors),
                    "exact_relative_logit_change": np.array(exact.max_relative_logit_change)})
     return InvarianceResult(setup=baseline.describe(), rows=tuple(rows), exact=exact,

@@ -6,6 +6,11 @@ class-mean direction at L and typical_norm the median norm of the clean word-poo
 layer R: how far a stimulus moved along the category's readout direction, in units of the category's
 clean separation (causal.Baseline.concept_shift), and the readout probe's change of P(category).
 
+Cross-fitted: a stimulus is steered by, and its shift measured with, the direction, readout direction
+and separation of its fold's training words (causal.Baseline). The shifts claim's control is the same
+run with random directions of the same norm (`random_draws` draws); a target category whose held-out
+clean readout does not beat chance is untestable (there is no concept to move toward).
+
 Only stimuli NOT of the category are steered toward it. Each word is assigned one other category as
 its target (balanced over categories, seeded), so one model run steers every category at once:
   additivity       α at N consecutive layers from L against N·α at L, N = 1..max_layers; the ratio
@@ -30,6 +35,7 @@ from .causal import (SITE, Baseline, Say, check_finite, correlation_with_ci, int
 DEFAULT_ALPHAS = (0.125, 0.25, 0.5, 1.0, 2.0)
 DEFAULT_ADDITIVITY_ALPHA = 0.125  # N = 8 then adds one typical norm in all: large, not absurd
 DEFAULT_STEER_ALPHA = 0.5
+DEFAULT_RANDOM_DRAWS = 10  # random directions of the same norm at the steering α: the shifts claim's control
 DEFAULT_GENERATE_ALPHAS = DEFAULT_ALPHAS  # on SmolLM2-135M text holds to 0.5 and breaks at 1
 
 
@@ -122,14 +128,40 @@ def encoding_dimensionality(X, y, n_classes: int) -> list[float]:
     return [participation_ratio(z[np.asarray(y) == c]) for c in range(n_classes)]
 
 
-def _steer(model, baseline: Baseline, targets: np.ndarray, layers, alpha: float):
-    """Every stimulus steered toward its target with α (in typical norms) at each of `layers`."""
+def _steer(model, baseline: Baseline, targets: np.ndarray, layers, alpha: float, vectors=None):
+    """Every stimulus steered toward its target with α (in typical norms) at each of `layers`, by its fold's
+    direction (cross-fitted) or, with `vectors` [n_classes, d_model], by those (the random control)."""
     from ..capture.interventions import Add
 
     scale = alpha * baseline.typical_norm
-    groups = [(np.flatnonzero(targets == t), [Add(SITE, tuple(layers), vector=baseline.directions[t], scale=scale)])
-              for t in range(len(baseline.classes))]
+
+    def add(t, fold):
+        vector = baseline.fold_directions[fold, t] if vectors is None else vectors[t]
+        return [Add(SITE, tuple(layers), vector=vector, scale=scale)]
+
+    groups = [group for t in range(len(baseline.classes))
+              for group in baseline.by_fold(np.flatnonzero(targets == t), lambda fold, t=t: add(t, fold))]
     return run_groups(model, baseline, groups)
+
+
+def random_unit_vectors(rng: np.random.Generator, count: int, width: int) -> np.ndarray:
+    """[count, width] directions drawn uniformly on the sphere."""
+    vectors = rng.standard_normal((count, width))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _random_arm(model, baseline: Baseline, targets, alpha: float, draws: int, say: Say) -> np.ndarray:
+    """[draws, n] concept shift toward each stimulus's target when a random direction of the same norm is
+    added instead of the target's own (one random direction per target category and draw)."""
+    rng = np.random.default_rng([baseline.seed, 23])
+    width = baseline.at_layer.shape[1]
+    shifts = []
+    for draw in range(draws):
+        say(f"random directions: draw {draw + 1}/{draws}")
+        vectors = random_unit_vectors(rng, len(baseline.classes), width)
+        readout = _steer(model, baseline, targets, [baseline.layer], alpha, vectors).readout
+        shifts.append(baseline.concept_shift(readout, targets))
+    return np.stack(shifts)
 
 
 def _ratio_ci(spread, single, weights) -> tuple[float, float]:
@@ -194,9 +226,13 @@ def check_steering(alphas, additivity_alpha: float, steer_alpha: float, max_laye
 
 
 def run_steering(model, baseline: Baseline, *, alphas=DEFAULT_ALPHAS, additivity_alpha: float = DEFAULT_ADDITIVITY_ALPHA,
-                 steer_alpha: float = DEFAULT_STEER_ALPHA, max_layers: int = 8, say: Say = quiet) -> SteeringResult:
+                 steer_alpha: float = DEFAULT_STEER_ALPHA, max_layers: int = 8, random_draws: int = DEFAULT_RANDOM_DRAWS,
+                 say: Say = quiet) -> SteeringResult:
     """Additivity, dose-response and steerability against dimensionality (see the module docstring)."""
     alphas = check_steering(alphas, additivity_alpha, steer_alpha, max_layers)
+    if random_draws < 2:
+        raise MlxscanError(f"--random-draws {random_draws}: the random-direction control needs at least 2 draws "
+                           "to have a spread")
     # An injection after the readout layer cannot reach it, so N stops there.
     max_layers = min(max_layers, baseline.readout_layer - baseline.layer + 1)
     n_classes = len(baseline.classes)
@@ -207,6 +243,8 @@ def run_steering(model, baseline: Baseline, *, alphas=DEFAULT_ALPHAS, additivity
     curve = dict(sorted({0.0: 0.0, **{row.alpha: row.shift for row in grid}}.items()))  # α = 0: the clean run
     steerability, steerability_ci = _category_means(shifts[steer_alpha], targets, baseline.weights, n_classes)
     dimensionality = encoding_dimensionality(baseline.at_layer, baseline.y, n_classes)
+    arrays["random_shift"] = _random_arm(model, baseline, targets, steer_alpha, random_draws, say)  # [draws, n]
+    arrays.update({"testable": baseline.testable, "clean_auc_ci": baseline.clean_auc_ci, "fold_of": baseline.fold_of})
     arrays.update({"targets": targets, "labels": baseline.y, "alphas": np.array([row.alpha for row in doses]),
                    "shift": np.stack([shifts[row.alpha] for row in doses]), "steerability": np.array(steerability),
                    "dimensionality": np.array(dimensionality), "directions": baseline.directions,

@@ -115,3 +115,21 @@ def weighted_mean(values) -> EffectOf:
             return weights @ values / weights.sum(axis=1)
 
     return effect_of
+
+
+def prediction_p(observed: float, draws) -> float:
+    """One-sided p of `observed` as one more draw from the normal that k control draws come from:
+    t = (observed - mean) / (sd·√(1 + 1/k)), Student's t with k - 1 degrees of freedom. Exact for any k
+    under normal draws, and a fitted tail, so its resolution is not bounded by 1/(k + 1). NaN when the
+    draws cannot give a spread (fewer than 2 finite, or all equal): such a control tests nothing."""
+    from scipy.stats import t as student_t
+
+    draws = np.asarray(draws, np.float64)
+    draws = draws[np.isfinite(draws)]
+    if len(draws) < 2 or not math.isfinite(observed):
+        return math.nan
+    sd = float(draws.std(ddof=1))
+    if sd <= 1e-12 * max(1.0, float(np.abs(draws).max())):
+        return math.nan
+    k = len(draws)
+    return float(student_t.sf((observed - draws.mean()) / (sd * math.sqrt(1 + 1 / k)), k - 1))
