@@ -187,12 +187,21 @@ def probe(scan_dir, model_ref, stimuli_path, site, target, folds, permutations, 
         probe_progress=_layer_progress(as_json),
     )
     record = outcome.to_dict()
-    if out_dir:
-        _save_probe(out_dir, outcome, record)
+    from .command_claims import claims_lines, command_claims, output_folder
+
+    with output_folder(out_dir) as folder:
+        _save_probe(folder, outcome, record, plot=out_dir is not None)
+        judged = []
+        if target == "category":  # the claims test category decoding, word-grouped
+            stimuli_file = Path(scan_dir) / "stimuli.jsonl" if scan_dir else (stimuli_path or _default_stimuli())
+            judged, record["claims"] = command_claims("probe", folder, {"permutations": permutations, "seed": seed},
+                                                      stimuli_path=stimuli_file)
     if as_json:
         click.echo(json.dumps(record))
     else:
         _print_probe(record, out_dir)
+        for line in claims_lines(judged):
+            click.echo(line)
 
 
 def _open_pair(scan_a: Path, scan_b: Path | None, site: str):
@@ -312,7 +321,7 @@ def _layer_progress(quiet: bool):
     return lambda done, total: click.echo(f"\rmlxscan: probed {done}/{total} layer batches", err=True, nl=done == total)
 
 
-def _save_probe(out_dir: Path, outcome, record: dict) -> None:
+def _save_probe(out_dir: Path, outcome, record: dict, plot: bool = True) -> None:
     from .outputs import write_outputs
     from .plots import line_plot
 
@@ -321,6 +330,8 @@ def _save_probe(out_dir: Path, outcome, record: dict) -> None:
     if record["span_twin"] is not None:
         series["untrained twin"] = ([row["twin_accuracy"] for row in record["layers"]], _bands(record["layers"], "twin_ci"))
     write_outputs(out_dir, {"probe.json": record, "probe_arrays.npz": outcome.arrays})
+    if not plot:
+        return
     line_plot(Path(out_dir) / "probe.png", layers, series, title=f"{record['target']} decoding by layer: {record['model']}",
               xlabel="layer", ylabel="accuracy (word-grouped CV)", hlines={"chance": record["chance"]}, ylim=(0, 1))
 
@@ -354,7 +365,7 @@ def _print_probe(record: dict, out_dir) -> None:
                f"{depth['retention']['mean_retention']:.3f} of dedicated probes' accuracy; MLP probe minus linear "
                f"{gap['gap']:+.3f} [{gap['gap_ci'][0]:+.3f}, {gap['gap_ci'][1]:+.3f}]")
     if out_dir:
-        click.echo(f"saved probe.json, probe_arrays.npz and probe.png in {out_dir}")
+        click.echo(f"saved probe.json, probe_arrays.npz, claims.json and probe.png in {out_dir}")
 
 
 def _print_verify(report) -> None:

@@ -195,8 +195,13 @@ def test_probe_reports_every_layer_against_the_twin(probe_run):
 
 
 def test_probe_out_holds_the_record_the_arrays_and_the_plot(probe_run, stimuli_file):
-    out, record = probe_run.out, probe_run.record
+    out, record = probe_run.out, dict(probe_run.record)
+    claims = record.pop("claims")  # judged from the saved files, so beside them in claims.json
     assert json.loads((out / "probe.json").read_text()) == record
+    assert json.loads((out / "claims.json").read_text()) == claims
+    decodable = [c for c in claims["claims"] if c["id"].startswith("probe.decodable.L")]
+    assert len(decodable) == N_LAYERS and all(c["verdict"] in ("supported", "null", "failed-control")
+                                              for c in decodable)
 
     arrays = np.load(out / "probe_arrays.npz")
     for model in ("trained", "twin"):
