@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from .claims import VERDICTS
 from .cli import _BadInput, _Group, _progress, main
 
 
@@ -73,6 +74,24 @@ def _print_run(result) -> None:
     click.echo(f"saved study.json, claims.json and claims.png in {result.folder}")
 
 
+def claim_families(claims) -> dict[str, list]:
+    """Claims grouped by what they claim: the id less its layer, factor, N or graph suffix, in order."""
+    import re
+
+    families: dict[str, list] = {}
+    for item in claims:
+        families.setdefault(re.sub(r"\.(L\d+|x[0-9.]+|N\d+|layer\d+)$", "", item.id), []).append(item)
+    return families
+
+
+def family_verdict(members) -> str:
+    """supported when any member is; else failed-control, null, untestable in that order of precedence."""
+    for verdict in ("supported", "failed-control", "null", "untestable"):
+        if any(item.verdict == verdict for item in members):
+            return verdict
+    return "not judged"
+
+
 def _print_claims(claims) -> None:
     if not claims:
         click.echo("no claims")
@@ -85,9 +104,20 @@ def _print_claims(claims) -> None:
                    f"{item.effect:>+8.3f}  [{item.ci[0]:+.3f}, {item.ci[1]:+.3f}] {item.p:>8.1e} "
                    f"{item.p_corrected:>8.1e}  {'yes' if item.replication['passed'] else 'no'} "
                    f"({item.replication['value']:+.3f})")
-    counts = {verdict: sum(item.verdict == verdict for item in claims)
-              for verdict in ("supported", "null", "failed-control")}
-    click.echo(", ".join(f"{name}: {count}" for name, count in counts.items()))
+    for item in claims:
+        if item.verdict == "untestable":
+            click.echo(f"  {item.id}: {item.reason}")
+    counts = {verdict: sum(item.verdict == verdict for item in claims) for verdict in VERDICTS}
+    click.echo("per claim: " + ", ".join(f"{name}: {count}" for name, count in counts.items()))
+    families = claim_families(claims)
+    click.echo(f"per claim family ({len(families)} families; one fact at many layers counts once, with its span):")
+    for name, members in families.items():
+        verdicts = {verdict: sum(item.verdict == verdict for item in members) for verdict in VERDICTS}
+        supported = verdicts["supported"]
+        summary = ", ".join(f"{verdict} {count}" for verdict, count in verdicts.items() if count)
+        span = f"  supported at {supported}/{len(members)}" if len(members) > 1 else ""
+        free = "  (label-free: holds for any direction)" if all(item.label_free for item in members) else ""
+        click.echo(f"  {name:<32} {family_verdict(members):<15} {summary}{span}{free}")
 
 
 @study.command("verify")

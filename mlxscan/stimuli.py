@@ -279,3 +279,32 @@ def load_texts(path: str | Path) -> StimulusSet:
                              word_span=None, line=number) for number, text in enumerate(texts, start=1))
     digest = hashlib.sha256(_canonical_jsonl(stimuli).encode("utf-8")).hexdigest()
     return StimulusSet(path=Path(path), stimuli=stimuli, sha256=digest)
+
+
+def meaningless_labels(stimuli: StimulusSet, seed: int = 0) -> StimulusSet:
+    """The same stimuli regrouped into categories that mean nothing: the negative control of a study.
+
+    Each real category's words are shuffled and dealt in turn to G groups, G the largest number at most
+    the number of categories that divides every category's word count, so every group holds the same
+    number of words of every real category. A group label then carries no meaning: no claim that
+    depends on the labels may be supported on it. Words stay whole (all their frames go together).
+    """
+    stimuli._needs_categories()
+    words_of: dict[str, list[str]] = {}
+    for stimulus in stimuli:
+        words = words_of.setdefault(stimulus.category, [])
+        if stimulus.group not in words:
+            words.append(stimulus.group)
+    counts = sorted({len(words) for words in words_of.values()})
+    n_groups = max((g for g in range(2, len(words_of) + 1) if all(count % g == 0 for count in counts)), default=0)
+    if n_groups < 2:
+        raise MlxscanError(f"the categories hold {', '.join(map(str, counts))} words: no split into 2 or more groups "
+                           "gives every group the same number of words of each category; make the counts equal")
+    rng = np.random.default_rng([seed, 21])
+    group_of = {}
+    for category in sorted(words_of):
+        for position, word in enumerate(rng.permutation(sorted(words_of[category]))):
+            group_of[str(word)] = f"group{position % n_groups + 1}"
+    records = [{"text": s.text, "word": s.word, "category": group_of[s.group], "group": s.group,
+                **({"frame": s.frame} if s.frame is not None else {})} for s in stimuli]
+    return StimulusSet.from_records(records)

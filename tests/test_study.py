@@ -291,3 +291,69 @@ def test_additivity_is_an_equivalence_claim(tmp_path):
         **arrays, "testable": np.zeros(len(stimuli.categories), bool)}}, options={"per-category": 0, "frames": 0})
     shifts = {claim.id: claim for claim in judge(steer_claims(blind))}["steer.shifts"]
     assert shifts.verdict == "untestable" and "beats chance" in shifts.reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# The negative control: a study on categories that mean nothing supports no label-dependent claim
+
+NULL_STUDY = """\
+name = "tiny-null"
+stimuli = "meaningless.jsonl"
+model = "planted"
+
+[steps.probe]
+command = "probe"
+options = {folds = 2, permutations = 5}
+
+[steps.selectivity]
+command = "selectivity"
+options = {k = 5, halvings = 10, permutations = 10}
+
+[steps.ablate]
+command = "ablate"
+options = {per-category = 0, frames = 0, k = 4, draws = 4, direction-draws = 4}
+
+[steps.steer]
+command = "steer"
+options = {per-category = 0, frames = 0, alphas = "0.5,1", steer-alpha = 1, random-draws = 4}
+
+[steps.invariance]
+command = "invariance"
+options = {per-category = 0, frames = 0, factors = "0.5,1,2"}
+"""
+
+
+def test_the_negative_control_study_supports_no_label_dependent_claim(planted_study):
+    from mlxscan.stimuli import load_stimuli, meaningless_labels
+
+    root = planted_study
+    meaningless = meaningless_labels(load_stimuli(root / "planted.jsonl"), seed=0)
+    (root / "meaningless.jsonl").write_text(meaningless.to_jsonl())
+    (root / "null.toml").write_text(NULL_STUDY)
+    out = root / "null_out"
+    result = run_cli("study", "run", root / "null.toml", "--out", out, cache=root / "cache")
+    assert result.returncode == 0, result.stderr + result.stdout
+    claims = claims_from_json(out / "claims.json")
+    dependent = [claim for claim in claims if not claim.label_free]
+    assert dependent and not [claim.id for claim in dependent if claim.verdict == "supported"], \
+        [(claim.id, claim.reason) for claim in dependent if claim.verdict == "supported"]
+    assert "per claim family" in result.stdout and "label-free" in result.stdout
+
+
+def test_meaningless_labels_balance_every_real_category():
+    from test_causal import CATEGORY_WORDS, stimulus_records
+
+    from mlxscan.stimuli import meaningless_labels
+
+    real = StimulusSet.from_records(stimulus_records())
+    regrouped = meaningless_labels(real, seed=1)
+    assert [s.text for s in regrouped] == [s.text for s in real]
+    pairs = {}
+    for a, b in zip(real, regrouped):
+        pairs.setdefault(b.category, {}).setdefault(a.category, set()).add(a.word)
+    assert len(pairs) == len(CATEGORY_WORDS)  # 4 words a category: 4 groups of one word of each
+    assert all(len(by_real) == len(CATEGORY_WORDS) and all(len(words) == 1 for words in by_real.values())
+               for by_real in pairs.values())
+    unequal = StimulusSet.from_records(stimulus_records()[:-3])  # one category one word short
+    with pytest.raises(MlxscanError, match="same number of words of each category"):
+        meaningless_labels(unequal)
