@@ -126,17 +126,26 @@ def _chosen_layers(scan, layers_spec) -> list[int]:
               help="Random and lattice reference graphs per graph (made once, cached).")
 @click.option("--swaps", type=int, default=10, show_default=True, help="Swap attempts per edge in a random reference.")
 @click.option("--permutations", type=int, default=1000, show_default=True, help="Unit-order shuffles (topography null).")
+@click.option("--surrogates", type=int, default=10, show_default=True,
+              help="Surrogate data sets (each unit permuted on its own) per graph and half: the claims' null.")
+@click.option("--permute-units", is_flag=True,
+              help="Negative control: permute each unit on its own across observations before anything is built.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of the table.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Save connectome.json, connectome.npz and per graph its .graphml, partition and .png here.")
-def connectome(scan_dir, site, layers_spec, per_layer, n_units, density, sign, references, swaps, permutations, seed,
-               as_json, out_dir):
+def connectome(scan_dir, site, layers_spec, per_layer, n_units, density, sign, references, swaps, permutations,
+               surrogates, permute_units, seed, as_json, out_dir):
     """Functional connectome of units: small-worldness, rich club, modularity and index topography."""
-    from .analysis.connectome import NullModelCache, build_connectome
+    import numpy as np
+
+    from .analysis.connectome import NullModelCache, build_connectome, independent_units, surrogate_nulls
+    from .command_claims import claims_lines, command_claims, output_folder
     from .store import open_scan
 
     _check_options(n_units, density, references, swaps, permutations)
+    if surrogates < 2:
+        raise _BadInput(f"--surrogates {surrogates}: the claims' null needs at least 2 surrogate data sets")
     scan = open_scan(scan_dir)
     if site not in scan.sites:
         raise _BadInput(f"the scan has no site {site!r} (it has {', '.join(scan.sites)}); pass --site")
@@ -144,13 +153,18 @@ def connectome(scan_dir, site, layers_spec, per_layer, n_units, density, sign, r
     say, rows, cache = _progress(as_json), _rows(scan), NullModelCache(_null_cache_folder())
     record = {"scan": str(scan.folder), "model": scan.manifest["model"]["ref"], "site": site, "pool": scan.pool,
               "over": "tokens" if scan.pool == "all" else "stimuli", "layers": layers, "per_layer": per_layer,
-              "units_requested": n_units, "sign": sign, "permutations": permutations, "graphs": []}
+              "units_requested": n_units, "sign": sign, "permutations": permutations, "surrogates": surrogates,
+              "permute_units": permute_units, "graphs": []}
     graphs, arrays = {}, {}
     for key, group in ([(f"layer{layer}", [layer]) for layer in layers] if per_layer else [("joint", layers)]):
         started = time.perf_counter()
         units, available = _sample_units(scan, site, group, n_units, seed)
         say(f"graph {key}: {len(units)} of {available} units")
         X = _gather(scan, site, units, rows)
+        if permute_units:  # the negative control: no two units related, every claim must come out null
+            X = independent_units(X, np.random.default_rng([seed, 41, len(graphs)]))
+        nulls = surrogate_nulls(X, density=density, sign=sign, surrogates=surrogates, seed=seed, say=say)
+        arrays.update({f"{key}_{name}": value for name, value in nulls.items()})
         result = build_connectome(X, units=units, density=density, sign=sign, references=references, swaps=swaps,
                                   seed=seed, cache=cache, say=say)
         graphs[key] = result
@@ -160,12 +174,15 @@ def connectome(scan_dir, site, layers_spec, per_layer, n_units, density, sign, r
         arrays.update({f"{key}_{name}": value for name, value in result.arrays().items()})
     record["topography"], topography_arrays = _topography(scan, site, layers, rows, permutations, seed, say)
     arrays.update(topography_arrays)
-    if out_dir:
-        _save(out_dir, record, arrays, graphs)
+    with output_folder(out_dir) as folder:
+        _save(folder, record, arrays, graphs, plots=out_dir is not None)
+        judged, record["claims"] = command_claims("connectome", folder, {"per-layer": per_layer, "seed": seed})
     if as_json:
         click.echo(json.dumps(record))
     else:
         _print(record, out_dir)
+        for line in claims_lines(judged):
+            click.echo(line)
 
 
 def _community_blocks(result):
@@ -187,7 +204,7 @@ def _community_blocks(result):
     return np.divide(counts, pairs, out=np.zeros_like(counts), where=pairs > 0), size
 
 
-def _save(out_dir: Path, record: dict, arrays: dict, graphs: dict) -> None:
+def _save(out_dir: Path, record: dict, arrays: dict, graphs: dict, plots: bool = True) -> None:
     import networkx as nx
 
     from .outputs import write_outputs
@@ -201,7 +218,7 @@ def _save(out_dir: Path, record: dict, arrays: dict, graphs: dict) -> None:
             "layer": result.units[:, 0].tolist(), "unit": result.units[:, 1].tolist(),
             "community": result.modularity.community.tolist()}
     write_outputs(out_dir, files)
-    for key, result in graphs.items():
+    for key, result in (graphs.items() if plots else ()):
         blocks, size = _community_blocks(result)
         heatmap(Path(out_dir) / f"connectome_{key}.png", blocks, vmin=0, origin="upper",
                 title=f"edge density by community, {key} (Q {result.modularity.q:.2f})",

@@ -333,7 +333,27 @@ def test_json_reports_every_metric(scans):
     again = json.loads(invoke(scans["pooled"], *FAST, "--json").output)
     for row in (*record["graphs"], *again["graphs"]):
         row.pop("seconds")
+    for run in (record, again):  # connectome.json's sha256 differs with its timings; nothing else may
+        for claim in run["claims"]["claims"]:
+            claim.pop("data_files")
     assert again == record  # every random step is seeded
+    assert {claim["id"] for claim in record["claims"]["claims"]} >= {"connectome.small_world.joint",
+                                                                     "connectome.modular.joint"}
+
+
+def test_independent_units_support_no_claim(scans):
+    # Issue 21: the negative control. The planted modules permuted unit by unit are independent units.
+    result = invoke(scans["pooled"], *FAST, "--permute-units", "--json")
+    assert result.exit_code == 0, result.output
+    claims = json.loads(result.output)["claims"]["claims"]
+    graph = [c for c in claims if not c["id"].startswith("connectome.topography")]
+    assert graph and all(c["verdict"] != "supported" for c in graph), [(c["id"], c["reason"]) for c in graph]
+
+
+@pytest.mark.parametrize("args, phrase", [(["--surrogates", "1"], "at least 2 surrogate")])
+def test_bad_surrogate_options_exit_2(scans, tmp_path, args, phrase):
+    result = invoke(scans["pooled"], *FAST, *args, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and phrase in result.output and not (tmp_path / "out").exists()
 
 
 def test_out_saves_graph_partition_arrays_and_figure(scans, tmp_path):

@@ -357,3 +357,55 @@ def build_connectome(X, *, units=None, density: float = 0.05, sign: str = "posit
         small_world(A, randoms, lattices), rich_club_curve(A, randoms, min_club=min_club),
         modularity(A, seed=seed, random_refs=randoms),
         {"density_target": density, "references": references, "swaps": swaps, "seed": seed})
+
+
+# ---------------------------------------------------------------- surrogate-data nulls
+
+SURROGATE_MIN_OBSERVATIONS = 8  # per half: fewer rows give correlations too coarse to threshold
+
+
+def graph_statistics(X, density: float, sign: str, seed: int) -> dict[str, float]:
+    """The pipeline's numbers of one activation matrix [observations, units]: correlate, keep the strongest
+    `density` of pairs, then transitivity C, mean path length L (largest component) and seeded Louvain Q."""
+    edges, _ = threshold_edges(unit_correlation(X), density, sign)
+    A = _from_edges(edges, X.shape[1])
+    return {"transitivity": clustering(A)[1], "path_length": path_length(A)[0], "q": _louvain(A, seed)[1]}
+
+
+def independent_units(X, rng: np.random.Generator) -> np.ndarray:
+    """X with each unit (column) permuted on its own across observations: every unit keeps its values and
+    distribution, and no two units are related any more."""
+    return rng.permuted(np.asarray(X), axis=0)
+
+
+def surrogate_nulls(X, *, density: float, sign: str = "positive", surrogates: int = 10, seed: int = 0,
+                    say: Callable[[str], None] = lambda message: None) -> dict[str, np.ndarray]:
+    """The claims' nulls for a correlation graph: the same pipeline on surrogate activations whose inter-unit
+    dependence is removed (`independent_units`), `surrogates` times, for the whole X and for each half of
+    its observations (the replication refits everything on each half).
+
+    Degree-preserving swaps keep the clustering that thresholding a correlation matrix creates by itself
+    (correlation is partly transitive: Zalesky, Fornito & Bullmore 2012), so on independent units they
+    call the graph small-world; a surrogate graph made by the same pipeline has that clustering too.
+    Returns {"<part>_<statistic>": value} for the observed graphs and {"<part>_surrogate_<statistic>": [S]},
+    part in whole, half_a, half_b (halves: a seeded split of the observations)."""
+    X = np.asarray(X, np.float64)
+    if surrogates < 2:
+        raise MlxscanError(f"--surrogates {surrogates}: a null needs at least 2 surrogates to have a spread")
+    if len(X) < 2 * SURROGATE_MIN_OBSERVATIONS:
+        raise MlxscanError(f"{len(X)} observations: surrogate nulls need at least {2 * SURROGATE_MIN_OBSERVATIONS} "
+                           f"({SURROGATE_MIN_OBSERVATIONS} per half); scan more stimuli")
+    rng = np.random.default_rng([seed, 31])
+    order = rng.permutation(len(X))
+    parts = {"whole": X, "half_a": X[np.sort(order[: len(X) // 2])], "half_b": X[np.sort(order[len(X) // 2:])]}
+    out: dict[str, np.ndarray] = {}
+    for part, rows in parts.items():
+        for name, value in graph_statistics(rows, density, sign, seed).items():
+            out[f"{part}_{name}"] = np.float64(value)
+        draws: dict[str, list[float]] = {}
+        for s in range(surrogates):
+            say(f"surrogate graphs ({part}) {s + 1}/{surrogates}")
+            for name, value in graph_statistics(independent_units(rows, rng), density, sign, seed).items():
+                draws.setdefault(name, []).append(value)
+        out.update({f"{part}_surrogate_{name}": np.asarray(values) for name, values in draws.items()})
+    return out

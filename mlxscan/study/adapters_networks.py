@@ -1,23 +1,25 @@
 """Claims of the connectome step: small-worldness and modularity of each graph, and index topography.
 
-The graph's own numbers are recomputed from its saved edges and Louvain partition (transitivity, path
-length, Q); the degree-matched random references cannot be remade from the files, so their per-reference
-transitivity, path length and Louvain Q (saved by `mlxscan connectome` as `<graph>_random_*`) are the
-null distribution:
+The control is surrogate data, not degree-preserving swaps. A thresholded correlation graph is more
+clustered than a random graph of its degrees even when the units are independent (correlation is partly
+transitive: Zalesky, Fornito & Bullmore 2012): on independent units, swaps called graphs small-world
+(σ 1.6-2.7) and modular. So `mlxscan connectome` also runs its whole pipeline (correlate, threshold at
+the same density, Louvain) on S surrogate data sets in which each unit is permuted on its own across
+observations (`analysis.connectome.surrogate_nulls`), and saves each surrogate's transitivity, path
+length and Q as `<graph>_whole_surrogate_*`. The graph's own C, L and Q are recomputed from its saved
+edges and partition.
 
-    p    one-sided prediction test: is the graph's value a draw from the normal the n references' values
-         come from? t = (value − null mean) / (null sd · √(1 + 1/n)), Student's t with n − 1 degrees of
-         freedom (floored at P_FLOOR). Twenty references cannot give an empirical p below 1/21, far above
-         a study-wide Holm threshold, so that p is reported in the test text, not gated.
-    CI   the matching 95% prediction interval of the effect: effect ± t_0.975 · null sd · √(1 + 1/n), i.e.
-         how far a graph no different from its references would stray. The graph itself is one
-         realisation, so the replication carries its variability: every other graph of the step (the
-         other layer, with --per-layer) must show the effect as well.
+    p    one-sided prediction test: is the graph's value a draw from the normal the S surrogates' values
+         come from? t = (value − null mean) / (null sd · √(1 + 1/S)), Student's t with S − 1 degrees of
+         freedom; the empirical p (r+1)/(S+1) is reported in the test text. A null with no spread gives
+         no p: the claim is untestable.
+    CI   the matching 95% prediction interval of the effect.
+    replication  the graph rebuilt on each half of the observations (stimuli), everything refit, each
+         against its own surrogates: both halves must show the effect (> 0, one-sided p < 0.05).
 
-A thresholded correlation graph is more clustered than a random graph of its degrees even when the units
-are independent (correlation is partly transitive: Zalesky et al. 2012), so "small-world against
-degree-matched random graphs" says what the graph is, not that the network was built to be one.
-Steps saved before the per-reference arrays existed give only their topography claims.
+The degree-preserving references stay in connectome.json as a described second reference (σ and Q
+"against random graphs of the same degrees"), never as a claim's control. Steps saved without surrogate
+nulls give untestable graph claims.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from scipy.stats import t as student_t
 
 from ..analysis.connectome import clustering, path_length
 from ..analysis.graph_nulls import _from_edges
-from ..claims import Claim
+from ..claims import Claim, untestable_claim
 from ..errors import MlxscanError
 from .adapters import StepContext, claim, null_tail
 from .evidence import HALF_ALPHA, P_FLOOR, Evidence, grouped_evidence, weighted_mean
@@ -56,16 +58,24 @@ def empirical_p(observed: float, null: np.ndarray) -> float:
     return float((np.sum(null >= observed) + 1) / (len(null) + 1))
 
 
+def _numbers(value_c: float, value_l: float, value_q: float, arrays: dict, prefix: str) -> dict:
+    """σ and Q of one graph (or half) against its surrogates: {"small_world": ..., "modular": ...}."""
+    surrogate_c, surrogate_l = arrays[f"{prefix}_surrogate_transitivity"], arrays[f"{prefix}_surrogate_path_length"]
+    surrogate_q = arrays[f"{prefix}_surrogate_q"]
+    sigma = (value_c / surrogate_c.mean()) / (value_l / surrogate_l.mean())
+    return {"small_world": {"value": float(sigma), "control": 1.0, "null": sigma_null(surrogate_c, surrogate_l)},
+            "modular": {"value": float(value_q), "control": float(surrogate_q.mean()), "null": surrogate_q}}
+
+
 def _graph_numbers(arrays: dict, key: str) -> dict:
-    """Observed statistics of one graph (recomputed from its edges) and its references' draws."""
+    """The whole graph's statistics (recomputed from its edges and partition) and each half's, against
+    their surrogates."""
     edges, community = arrays[f"{key}_edges"], arrays[f"{key}_community"]
     A = _from_edges(edges, len(arrays[f"{key}_units"]))
-    transitivity, length = clustering(A)[1], path_length(A)[0]
-    random_c, random_l = arrays[f"{key}_random_transitivity"], arrays[f"{key}_random_path_length"]
-    random_q = arrays[f"{key}_random_q"]
-    sigma = (transitivity / random_c.mean()) / (length / random_l.mean())
-    return {"small_world": {"value": sigma, "control": 1.0, "null": sigma_null(random_c, random_l)},
-            "modular": {"value": partition_q(edges, community), "control": random_q.mean(), "null": random_q}}
+    whole = _numbers(clustering(A)[1], path_length(A)[0], partition_q(edges, community), arrays, f"{key}_whole")
+    halves = [_numbers(float(arrays[f"{key}_{half}_transitivity"]), float(arrays[f"{key}_{half}_path_length"]),
+                       float(arrays[f"{key}_{half}_q"]), arrays, f"{key}_{half}") for half in ("half_a", "half_b")]
+    return {"whole": whole, "halves": halves}
 
 
 def prediction_test(value: float, null: np.ndarray) -> tuple[float, float]:
@@ -74,8 +84,8 @@ def prediction_test(value: float, null: np.ndarray) -> tuple[float, float]:
     if n < 2:
         raise MlxscanError(f"{n} reference graph gives no spread to test against; run with --references 2 or more")
     scale = null.std(ddof=1) * np.sqrt(1 + 1 / n)
-    if scale == 0:
-        return (P_FLOOR if value > null.mean() else 1.0), 0.0
+    if not scale > 1e-12 * max(1.0, float(np.abs(null).max())):
+        return float("nan"), 0.0  # every surrogate alike: no spread, no test
     p = student_t.sf((value - null.mean()) / scale, n - 1)
     return float(max(p, P_FLOOR)), float(student_t.ppf(0.975, n - 1) * scale)
 
@@ -89,39 +99,48 @@ def _test(numbers: dict) -> tuple[float, float, float, float]:
 
 CLAIMS = {
     "small_world": dict(
-        hypothesis="The {graph} functional connectome is small-world: σ = (C/C_rand)/(L/L_rand) above 1 against "
-                   "degree-matched random graphs",
+        hypothesis="The {graph} functional connectome is small-world: σ = (C/C_surr)/(L/L_surr) above 1 against "
+                   "graphs made by the same pipeline from independent-unit surrogates",
         statistic="σ with C the transitivity and L the mean shortest path (largest component)",
-        control="1: σ of a graph no more clustered and no shorter-pathed than its {n} degree-matched random "
-                "references (σ of each reference against the others gives the null spread)"),
+        control="1: σ of a graph no more clustered and no shorter-pathed than its {n} surrogate graphs (each "
+                "unit permuted on its own, then correlated and thresholded at the same density)"),
     "modular": dict(
-        hypothesis="The {graph} functional connectome is modular: its Louvain Q exceeds the Q Louvain finds in "
-                   "degree-matched random graphs",
+        hypothesis="The {graph} functional connectome is modular: its Louvain Q exceeds the Q of graphs made by the "
+                   "same pipeline from independent-unit surrogates",
         statistic="Newman's modularity Q of the seeded Louvain partition",
-        control="mean Louvain Q of the {n} degree-matched random references"),
+        control="mean Louvain Q of the {n} surrogate graphs"),
 }
 
 
 def graph_claims(ctx: StepContext) -> list[Claim]:
     record, arrays = ctx.json("connectome.json"), ctx.npz("connectome.npz")
     keys = [row["graph"] for row in record["graphs"]]
-    if not all(f"{key}_random_q" in arrays for key in keys):
-        return []  # saved before per-reference values were kept: no spread to test against
-    numbers = {key: _graph_numbers(arrays, key) for key in keys}
     files = ctx.files("connectome.json", "connectome.npz")
     claims = []
     for key in keys:
+        if f"{key}_whole_surrogate_q" not in arrays:
+            for kind, text in CLAIMS.items():
+                claims.append(untestable_claim(claim(
+                    ctx, f"{kind}.{key}", Evidence(float("nan"), (float("nan"), float("nan")), float("nan"), "not run",
+                                                   {"kind": "none", "value": float("nan"), "passed": False}),
+                    data_files=files, hypothesis=text["hypothesis"].format(graph=_graph_name(key)),
+                    statistic=text["statistic"], value=float("nan"), control=text["control"].format(n=0),
+                    control_value=float("nan")), "saved without surrogate-data nulls; rerun the connectome step"))
+            continue
+        numbers = _graph_numbers(arrays, key)
         for kind, text in CLAIMS.items():
-            here = numbers[key][kind]
+            here = numbers["whole"][kind]
             effect, p, half_width, p_empirical = _test(here)
-            others = {other: _test(numbers[other][kind]) for other in keys if other != key}
+            halves = {name: _test(half[kind]) for name, half in zip(("half A", "half B"), numbers["halves"])}
             n = len(here["null"])
             evidence = Evidence(effect, (effect - half_width, effect + half_width), p, _test_text(n, p_empirical),
-                                _replication(others))
-            claims.append(claim(ctx, f"{kind}.{key}", evidence, data_files=files,
-                                hypothesis=text["hypothesis"].format(graph=_graph_name(key)),
-                                statistic=text["statistic"], value=here["value"],
-                                control=text["control"].format(n=n), control_value=here["control"]))
+                                _replication(halves))
+            made = claim(ctx, f"{kind}.{key}", evidence, data_files=files,
+                         hypothesis=text["hypothesis"].format(graph=_graph_name(key)),
+                         statistic=text["statistic"], value=here["value"],
+                         control=text["control"].format(n=n), control_value=here["control"])
+            claims.append(made if np.isfinite(p) else
+                          untestable_claim(made, f"the {n} surrogate graphs give no spread to test against"))
     return claims
 
 
@@ -130,22 +149,20 @@ def _graph_name(key: str) -> str:
 
 
 def _test_text(n: int, p_empirical: float) -> str:
-    return (f"one-sided prediction t-test against the {n} degree-matched random references ({n - 1} df; "
+    return (f"one-sided prediction t-test against the {n} independent-unit surrogate graphs ({n - 1} df; "
             f"empirical p (r+1)/(n+1) = {p_empirical:.3g}); CI: the 95% prediction interval, effect ± "
             "t·sd·√(1 + 1/n) with sd the references' spread")
 
 
-def _replication(others: dict) -> dict:
-    if not others:
-        return {"kind": "none: one graph (run the step with --per-layer for a second)", "value": float("nan"),
-                "passed": False, "rule": "another graph of the step must show the effect"}
-    effects = {key: result[0] for key, result in others.items()}
-    passed = all(result[0] > 0 and result[1] < HALF_ALPHA for result in others.values())
-    return {"kind": f"the other graph{'s' if len(others) > 1 else ''} of the step ({', '.join(others)})",
+def _replication(halves: dict) -> dict:
+    """Both halves of the observations, each graph rebuilt and judged against its own surrogates."""
+    effects = {key: result[0] for key, result in halves.items()}
+    passed = all(result[0] > 0 and result[1] < HALF_ALPHA for result in halves.values())
+    return {"kind": "split-half over observations (graph, threshold, Louvain and surrogates refit on each)",
             "value": float(min(effects.values())), "passed": bool(passed), "effects": effects,
-            "p_others": {key: result[1] for key, result in others.items()},
-            "empirical_p_others": {key: result[3] for key, result in others.items()},
-            "rule": f"the effect in every other graph alone, > 0 with one-sided p < {HALF_ALPHA}"}
+            "p_halves": {key: result[1] for key, result in halves.items()},
+            "empirical_p_halves": {key: result[3] for key, result in halves.items()},
+            "rule": f"the effect in each half alone, > 0 with one-sided p < {HALF_ALPHA}"}
 
 
 def connectome_claims(ctx: StepContext) -> list[Claim]:
