@@ -93,8 +93,19 @@ def prediction_test(value: float, null: np.ndarray) -> tuple[float, float]:
 def _test(numbers: dict) -> tuple[float, float, float, float]:
     """(effect, p, CI half-width, empirical p) of one graph's statistic against its references."""
     effect = float(numbers["value"] - numbers["control"])
-    p, half_width = prediction_test(numbers["value"], numbers["null"])
+    p, half_width = claim_p(numbers["value"], numbers["null"])
     return effect, p, half_width, empirical_p(numbers["value"], numbers["null"])
+
+
+def claim_p(value: float, null: np.ndarray) -> tuple[float, float]:
+    """(one-sided p, CI half-width): the prediction test on the log scale where every value is positive.
+    σ and Q are ratio-like and right-skewed across surrogates; on the natural scale the normal tail called
+    7.1% of independent-unit data sets modular at 0.05, on the log scale 6% (tests/test_calibration_graphs.py)."""
+    null = np.asarray(null, np.float64)
+    half_width = prediction_test(value, null)[1]
+    if value > 0 and np.all(null > 0):
+        return prediction_test(float(np.log(value)), np.log(null))[0], half_width
+    return prediction_test(value, null)[0], half_width
 
 
 CLAIMS = {
@@ -149,7 +160,7 @@ def _graph_name(key: str) -> str:
 
 
 def _test_text(n: int, p_empirical: float) -> str:
-    return (f"one-sided prediction t-test against the {n} independent-unit surrogate graphs ({n - 1} df; "
+    return (f"one-sided prediction t-test (log scale) against the {n} independent-unit surrogate graphs ({n - 1} df; "
             f"empirical p (r+1)/(n+1) = {p_empirical:.3g}); CI: the 95% prediction interval, effect ± "
             "t·sd·√(1 + 1/n) with sd the references' spread")
 
