@@ -8,6 +8,8 @@ category readout at R is compared with the clean run's:
   direction         each category's own class-mean direction, projected out;
   random_direction  a random unit direction projected out (`direction_draws` draws): the control for
                     direction, which removes one dimension where the unit arms remove k.
+Cross-fitted: a category's top units and direction come from each fold's training words and act on the
+fold's held-out stimuli (causal.Baseline), so no arm is scored on a word it was fitted on.
 Mode "mean" sets what is removed to its clean mean (the unit's mean, or the mean projection on the
 direction) rather than to zero, so the residual keeps its typical offset and only the variation is
 gone; "zero" sets it to 0. Means are over the clean word-pooled activations at L.
@@ -76,8 +78,8 @@ class AblationResult:
             "arms": [arm.to_dict() for arm in self.arms],
             "top_units": {c: row for c, row in zip(self.setup["classes"], self.units.tolist())},
             "random_units_p": self.random_units_p,
-            "control": "random_units (k random dimensions, many draws) for top_units; random_direction (one "
-                       "random unit vector) for direction",
+            "control": "random_units (k random dimensions, many draws) for top_units; random_direction (random "
+                       "unit vectors, many draws) for direction; arms cross-fitted over word folds",
         })
 
     def arrays(self) -> dict[str, np.ndarray]:
