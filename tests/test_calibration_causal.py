@@ -110,3 +110,14 @@ def test_calibration_figures_are_reproducible():
     a = grouped_evidence(weighted_mean(values), groups, strata=strata, seed=3)
     b = grouped_evidence(weighted_mean(values), groups, strata=strata, seed=3)
     assert a == b
+
+
+def test_null_tail_is_the_prediction_test_and_degenerate_nulls_are_untestable():
+    from mlxscan.study.adapters import null_tail
+
+    rng = np.random.default_rng(7)
+    false_positive = np.mean([null_tail(rng.standard_normal(), rng.standard_normal(20)) < ALPHA for _ in range(2000)])
+    low, high = null_interval(2000)
+    print(f"null_tail among 20 draws: false-positive rate {false_positive:.3f} (99% interval {low:.3f}-{high:.3f})")
+    assert low <= false_positive <= high
+    assert np.isnan(null_tail(1.0, np.full(20, 0.5)))  # once 1e-16

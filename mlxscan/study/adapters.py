@@ -8,16 +8,16 @@ seed's battery as claims the gate decides. NumPy only: no mlx, no click.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from scipy.stats import norm
 
 from ..claims import Claim, file_record, sha256_of
 from ..errors import MlxscanError
-from .evidence import P_FLOOR, Evidence, grouped_evidence, weighted_mean
+from .evidence import P_FLOOR, Evidence, grouped_evidence, prediction_p, weighted_mean
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,11 @@ def claim(ctx: StepContext, suffix: str, evidence: Evidence, *, hypothesis: str,
 
 
 def null_tail(observed: float, null) -> float:
-    """Upper tail of a normal fitted to null draws, floored at P_FLOOR (the probe now uses a Student-t prediction)."""
-    null = np.asarray(null, np.float64)
-    null = null[np.isfinite(null)]
-    sd = null.std(ddof=1) if len(null) > 1 else 0.0
-    if sd == 0:
-        return P_FLOOR if observed > (null.mean() if len(null) else 0) else 1.0
-    return float(max(norm.sf(observed, loc=null.mean(), scale=sd), P_FLOOR))
+    """One-sided p of `observed` against null draws: the Student-t prediction test (exact for any number of
+    normal draws, as the probe's p), floored at P_FLOOR. NaN for a degenerate null (fewer than 2 finite
+    draws, or all equal), which the gate reports as untestable: it once returned 1e-16 there."""
+    p = prediction_p(float(observed), null)
+    return p if math.isnan(p) else float(max(p, P_FLOOR))
 
 
 def chosen_layers(ctx: StepContext, available: list[int]) -> list[int]:
@@ -156,7 +154,7 @@ def selectivity_claims(ctx: StepContext) -> list[Claim]:
 
 
 def _halving_evidence(overlaps: np.ndarray, shuffled: np.ndarray, seed: int) -> Evidence:
-    """Effect = mean overlap - mean shuffled overlap; p: normal tail fitted to the shuffled halvings' means;
+    """Effect = mean overlap - mean shuffled overlap; p: Student-t prediction test among the shuffled halvings' means;
     CI: 2.5-97.5 percentiles over halvings of the paired difference; replication: two halves of the categories."""
     def numbers(columns):
         observed, control = overlaps[:, columns].mean(axis=1), shuffled[:, columns].mean(axis=1)  # [H]
@@ -169,7 +167,7 @@ def _halving_evidence(overlaps: np.ndarray, shuffled: np.ndarray, seed: int) -> 
     halves = [numbers(np.sort(half)), numbers(np.setdiff1d(np.arange(n_classes), half))]
     passed = all(h[0] > 0 and h[1] < 0.05 for h in halves)
     return Evidence(effect=effect, ci=(float(low), float(high)), p=p,
-                    test=f"one-sided: normal tail fitted to the mean overlap of {len(shuffled)} halvings with "
+                    test=f"one-sided: Student-t prediction test of the mean overlap among {len(shuffled)} halvings with "
                          "categories shuffled across words; CI: percentiles over halvings of the paired difference",
                     replication={"kind": "split-half over categories", "value": float(min(h[0] for h in halves)),
                                  "passed": bool(passed), "halves": [float(h[0]) for h in halves],
@@ -214,7 +212,7 @@ def ica_claims(ctx: StepContext) -> list[Claim]:
     networks = np.arange(len(r))
     evidence = grouped_evidence(weighted_mean(r - null.mean()), networks.astype(str), seed=0, unit="networks")
     evidence = Evidence(evidence.effect, evidence.ci, null_tail(r.mean(), null.mean(axis=1)),
-                        f"one-sided: normal tail fitted to the mean |r| of {len(null)} neuron-shuffled fits; CI: "
+                        f"one-sided: Student-t prediction test of the mean |r| among {len(null)} neuron-shuffled fits; CI: "
                         "bootstrap over networks", evidence.replication)
     return [claim(ctx, "networks_recur", evidence, data_files=ctx.files("ica.json", "ica.npz"),
                   hypothesis="ICA functional networks of MLP neurons found on one half of the texts are found again "

@@ -202,7 +202,7 @@ def topography_claims(ctx: StepContext) -> list[Claim]:
         evidence = grouped_evidence(weighted_mean(pairs - null.mean()), np.arange(len(pairs)).astype(str),
                                     seed=layer, resamples=1000, unit="neighbouring pairs")
         evidence = Evidence(evidence.effect, evidence.ci, null_tail(pairs.mean(), null),
-                            f"one-sided: normal tail fitted to {len(null)} shuffled unit orders; CI: bootstrap over "
+                            f"one-sided: Student-t prediction test among {len(null)} shuffled unit orders; CI: bootstrap over "
                             "neighbouring pairs", evidence.replication)
         claims.append(claim(
             ctx, f"topography.L{layer}", evidence, data_files=files,
