@@ -34,12 +34,14 @@ def _stimuli_file(name: str, option: str) -> Path:
 @click.option("--restarts", type=int, default=5, show_default=True, help="FastICA seeds; the sparsest solution is kept.")
 @click.option("--no-split-half", is_flag=True, help="Skip the split-half consistency (two more fits).")
 @click.option("--permutations", type=int, default=20, show_default=True, help="Neuron shuffles of the consistency null.")
+@click.option("--keep-first-token", is_flag=True,
+              help="Keep each text's position 0 (the attention sink; left out by default: its norm dwarfs the rest).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of the table.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Save ica.json, ica.npz, key_neurons.json and ica.png here.")
 def ica(scan_dir, model_ref, texts_path, components, per_layer, layers_spec, threshold, restarts, no_split_half,
-        permutations, seed, as_json, out_dir):
+        permutations, keep_first_token, seed, as_json, out_dir):
     """Functional networks: spatial ICA of every token's MLP neurons, their key neurons, layers and consistency."""
     from .experiments.networks import run_ica
     from .store import open_scan
@@ -53,7 +55,7 @@ def ica(scan_dir, model_ref, texts_path, components, per_layer, layers_spec, thr
         texts_path=None if scan_dir else (texts_path or _stimuli_file("corpus.txt", "--texts")),
         components=components, per_layer=per_layer, layers=_layers_option(layers_spec), threshold=threshold,
         restarts=restarts, seed=seed, split_half=not no_split_half, permutations=permutations,
-        say=_progress(as_json), scan_progress=_scan_bar(as_json))
+        keep_first_token=keep_first_token, say=_progress(as_json), scan_progress=_scan_bar(as_json))
     record = outcome.to_dict()
     if out_dir:
         _save_ica(out_dir, outcome, record)

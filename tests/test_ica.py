@@ -242,6 +242,10 @@ def test_ica_command_reports_networks_and_saves_its_files(ica_run):
         assert arrays["maps"].shape == (4, 3 * 128) and arrays["time_courses"].shape == (record["n_tokens"], 4)
         assert arrays["key_per_layer"].shape == (4, 3)
     assert (out / "ica.png").read_bytes()[:4] == b"\x89PNG"
+    # Position 0 of every text (the attention sink) is left out by default: one row fewer per text.
+    assert record["first_token"].startswith("left out")
+    with np.load(out / "ica.npz") as arrays:
+        assert arrays["time_courses"].shape[0] == record["n_tokens"]
 
 
 def test_ica_per_layer_on_a_scan_folder(ica_run, tmp_path):

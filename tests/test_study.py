@@ -37,7 +37,7 @@ options = {folds = 2, permutations = 5}
 
 [steps.selectivity]
 command = "selectivity"
-options = {k = 5, halvings = 10, permutations = 10}
+options = {k = 5, halvings = 30, permutations = 10}
 
 [steps.invariance]
 command = "invariance"

@@ -247,13 +247,22 @@ class Consistency:
         return out
 
 
-def _rows_of(offsets: np.ndarray, texts: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in np.sort(texts)])
+def _rows_of(offsets: np.ndarray, texts: np.ndarray, skip_first: bool = False) -> np.ndarray:
+    """Token rows of the given texts; with skip_first, without each text's position 0 (the attention sink,
+    whose activations dwarf the rest and would make a network of their own)."""
+    start = int(skip_first)
+    return np.concatenate([np.arange(offsets[i] + start, offsets[i + 1]) for i in np.sort(texts)])
+
+
+def token_rows(offsets, skip_first: bool = True) -> np.ndarray | None:
+    """Rows of every text (None: all rows), less each text's first token when skip_first."""
+    offsets = np.asarray(offsets, np.int64)
+    return _rows_of(offsets, np.arange(len(offsets) - 1), True) if skip_first else None
 
 
 def split_half_consistency(signals, offsets, n_components: int = 20, *, threshold: float = KEY_THRESHOLD,
                            restarts: int = 5, seed: int = 0, permutations: int = 20,
-                           reference: FunctionalNetworks | None = None) -> Consistency:
+                           reference: FunctionalNetworks | None = None, skip_first: bool = False) -> Consistency:
     """Fit on two random halves of the texts (offsets [n_texts + 1] bound each text's tokens) and match.
 
     With a `reference` fit (usually on all texts), each reference network is also followed into both
@@ -269,7 +278,7 @@ def split_half_consistency(signals, offsets, n_components: int = 20, *, threshol
     order = rng.permutation(n_texts)
     halves = order[: n_texts // 2], order[n_texts // 2:]
     fits = [functional_networks(signals, n_components, threshold=threshold, restarts=restarts, seed=seed,
-                                rows=_rows_of(offsets, half)) for half in halves]
+                                rows=_rows_of(offsets, half, skip_first)) for half in halves]
     a, b = fits
     partner, correlation = match_maps(a.maps, b.maps)
     iou = np.array([_iou(a.key_mask[i], b.key_mask[j]) for i, j in enumerate(partner)])

@@ -139,9 +139,9 @@ def _ica_pieces(scan, layers: Sequence[int] | None, per_layer: bool) -> tuple[li
 def run_ica(*, scan=None, model_ref=None, texts_path: Path | None = None, components: int = 20,
             per_layer: bool = False, layers: Sequence[int] | None = None, threshold: float = 3.6,
             restarts: int = 5, seed: int = 0, split_half: bool = True, permutations: int = 20,
-            say: Say = quiet, scan_progress=None) -> IcaOutcome:
+            keep_first_token: bool = False, say: Say = quiet, scan_progress=None) -> IcaOutcome:
     """Decompose a token-level mlp_act scan (or a cached scan of `texts_path` made now) into networks."""
-    from ..analysis.ica import functional_networks, split_half_consistency
+    from ..analysis.ica import functional_networks, split_half_consistency, token_rows
 
     timings = {}
     if scan is None:
@@ -155,27 +155,31 @@ def run_ica(*, scan=None, model_ref=None, texts_path: Path | None = None, compon
         scan = cached_scan(model, texts, ScanSettings(sites=(SITE,), layers=layers, pool="all"), progress=scan_progress)
         timings["scan"] = time.perf_counter() - started
     layers, pieces = _ica_pieces(scan, layers, per_layer)
+    rows = token_rows(scan.offsets, skip_first=not keep_first_token)  # position 0 left out by default
     fits, timings["ica"], timings["split_half"] = [], 0.0, 0.0 if split_half else None
     for fit_layers, piece in pieces:
         say(f"ICA of {piece.shape[0]} tokens x {np.prod(piece.shape[1:])} neurons (layers "
             f"{fit_layers[0]}..{fit_layers[-1]}), {components} components")
         started = time.perf_counter()
-        networks = functional_networks(piece, components, threshold=threshold, restarts=restarts, seed=seed)
+        networks = functional_networks(piece, components, threshold=threshold, restarts=restarts, seed=seed,
+                                       rows=rows)
         timings["ica"] += time.perf_counter() - started
         consistency = None
         if split_half:
             started = time.perf_counter()
             consistency = split_half_consistency(piece, scan.offsets, components, threshold=threshold,
                                                  restarts=restarts, seed=seed, permutations=permutations,
-                                                 reference=networks)
+                                                 reference=networks, skip_first=not keep_first_token)
             timings["split_half"] += time.perf_counter() - started
         fits.append(LayerFit(fit_layers, networks, consistency))
     m = scan.manifest
     return IcaOutcome(
         model=m["model"], scan=str(scan.folder), texts={k: m["stimuli"][k] for k in ("path", "sha256", "n")},
-        layers=layers, width=scan[SITE].shape[2], n_tokens=len(scan[SITE]), per_layer=per_layer, fits=fits,
+        layers=layers, width=scan[SITE].shape[2], n_tokens=len(scan[SITE]) if rows is None else len(rows),
+        per_layer=per_layer, fits=fits,
         settings={"components": components, "threshold": threshold, "restarts": restarts, "seed": seed,
-                  "split_half": split_half, "permutations": permutations if split_half else None},
+                  "split_half": split_half, "permutations": permutations if split_half else None,
+                  "first_token": "kept" if keep_first_token else "left out (position 0, the attention sink)"},
         timings=timings)
 
 

@@ -159,7 +159,10 @@ def _halving_evidence(overlaps: np.ndarray, shuffled: np.ndarray, seed: int) -> 
     def numbers(columns):
         observed, control = overlaps[:, columns].mean(axis=1), shuffled[:, columns].mean(axis=1)  # [H]
         effect = float(observed.mean() - control.mean())
-        return effect, null_tail(observed.mean(), control), np.percentile(observed - control, [2.5, 97.5])
+        p = null_tail(observed.mean(), control)
+        if math.isnan(p) and len(control):  # every shuffled halving alike: only the rank is known, (r+1)/(H+1)
+            p = float((np.sum(control >= observed.mean()) + 1) / (len(control) + 1))
+        return effect, p, np.percentile(observed - control, [2.5, 97.5])
 
     n_classes = overlaps.shape[1]
     effect, p, (low, high) = numbers(np.arange(n_classes))
