@@ -36,12 +36,14 @@ def _stimuli_file(name: str, option: str) -> Path:
 @click.option("--permutations", type=int, default=20, show_default=True, help="Neuron shuffles of the consistency null.")
 @click.option("--keep-first-token", is_flag=True,
               help="Keep each text's position 0 (the attention sink; left out by default: its norm dwarfs the rest).")
+@click.option("--surrogates", type=int, default=3, show_default=True,
+              help="Covariance-matched Gaussian surrogates the split-half claim is judged against.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record instead of the table.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Save ica.json, ica.npz, key_neurons.json and ica.png here.")
 def ica(scan_dir, model_ref, texts_path, components, per_layer, layers_spec, threshold, restarts, no_split_half,
-        permutations, keep_first_token, seed, as_json, out_dir):
+        permutations, keep_first_token, surrogates, seed, as_json, out_dir):
     """Functional networks: spatial ICA of every token's MLP neurons, their key neurons, layers and consistency."""
     from .experiments.networks import run_ica
     from .store import open_scan
@@ -50,12 +52,14 @@ def ica(scan_dir, model_ref, texts_path, components, per_layer, layers_spec, thr
         raise _BadInput("give either SCAN_DIR or --model/--texts, not both")
     if components < 1 or restarts < 1 or permutations < 1 or not threshold > 0:
         raise _BadInput("--components, --restarts and --permutations must be at least 1, --threshold positive")
+    if surrogates < 1 and not no_split_half:
+        raise _BadInput("--surrogates must be at least 1: the split-half claim is judged against them")
     outcome = run_ica(
         scan=open_scan(scan_dir) if scan_dir else None, model_ref=model_ref,
         texts_path=None if scan_dir else (texts_path or _stimuli_file("corpus.txt", "--texts")),
         components=components, per_layer=per_layer, layers=_layers_option(layers_spec), threshold=threshold,
         restarts=restarts, seed=seed, split_half=not no_split_half, permutations=permutations,
-        keep_first_token=keep_first_token, say=_progress(as_json), scan_progress=_scan_bar(as_json))
+        keep_first_token=keep_first_token, surrogates=surrogates, say=_progress(as_json), scan_progress=_scan_bar(as_json))
     record = outcome.to_dict()
     if out_dir:
         _save_ica(out_dir, outcome, record)

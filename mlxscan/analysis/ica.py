@@ -30,7 +30,7 @@ from ..errors import MlxscanError
 from ._json import jsonable as _jsonable
 
 __all__ = ["FunctionalNetworks", "Consistency", "functional_networks", "split_half_consistency",
-           "standardize_signals", "match_maps", "layer_span", "key_neurons_by_layer", "KEY_THRESHOLD"]
+           "standardize_signals", "match_maps", "gaussian_surrogate", "token_rows", "layer_span", "key_neurons_by_layer", "KEY_THRESHOLD"]
 
 KEY_THRESHOLD = 3.6  # |z| of a spatial map above which a neuron is a key neuron (the paper's code)
 ROW_CHUNK = 512  # tokens per chunk when copying a memory-mapped recording into float32
@@ -221,6 +221,10 @@ class Consistency:
     null_iou: np.ndarray  # [permutations, k]
     reference_correlation: np.ndarray | None  # [k_ref] per network of a reference fit: |r| of its A and B partners
     reference_iou: np.ndarray | None  # [k_ref]
+    surrogate_correlation: np.ndarray | None = None  # [surrogates, k] the same split and matching on Gaussian surrogates
+    second_correlation: np.ndarray | None = None  # [k] a second, independent split of the real texts
+    second_surrogate_correlation: np.ndarray | None = None  # [surrogates, k] its surrogates
+    skip_first: bool = True  # each text's position 0 left out
 
     @property
     def null_threshold(self) -> float:
@@ -236,7 +240,12 @@ class Consistency:
             "null_iou_mean": float(null_iou.mean()) if null_iou.size else None,
             "n_above_null": int(np.sum(self.correlation > self.null_threshold)),
             "reference_correlation": self.reference_correlation, "reference_iou": self.reference_iou,
-            "n_half_a_texts": len(self.half_a_texts),
+            "n_half_a_texts": len(self.half_a_texts), "first_token_left_out": self.skip_first,
+            "surrogates": 0 if self.surrogate_correlation is None else len(self.surrogate_correlation),
+            "surrogate_correlation_mean": None if self.surrogate_correlation is None
+            else float(self.surrogate_correlation.mean()),
+            "second_split_correlation_mean": None if self.second_correlation is None
+            else float(self.second_correlation.mean()),
         })
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -244,6 +253,9 @@ class Consistency:
                "split_key_iou": self.key_iou, "null_correlation": self.null_correlation, "null_iou": self.null_iou}
         if self.reference_correlation is not None:
             out.update(reference_correlation=self.reference_correlation, reference_iou=self.reference_iou)
+        for key in ("surrogate_correlation", "second_correlation", "second_surrogate_correlation"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         return out
 
 
@@ -260,13 +272,56 @@ def token_rows(offsets, skip_first: bool = True) -> np.ndarray | None:
     return _rows_of(offsets, np.arange(len(offsets) - 1), True) if skip_first else None
 
 
+def gaussian_surrogate(signals, rows, rank: int, seed: int) -> np.ndarray:
+    """[len(rows), n_neurons] float32 Gaussian rows with the z-scored signals' covariance: exact in its top
+    `rank` principal directions, the rest per neuron (diagonal), so every neuron keeps unit variance.
+    Same shape as the real signals; nothing in it is independent or sparse, so ICA finds no networks there."""
+    from sklearn.utils.extmath import randomized_svd
+
+    Z, _ = standardize_signals(signals, rows)
+    n = len(Z)
+    rank = max(1, min(rank, min(Z.shape) - 1))
+    _, singular, Vt = randomized_svd(Z, rank, n_oversamples=10, n_iter=4, random_state=seed % (2**31))
+    rng = np.random.default_rng([seed, 31])
+    scale = (singular / math.sqrt(n)).astype(np.float32)
+    out = (rng.standard_normal((n, rank), dtype=np.float32) * scale) @ Vt.astype(np.float32)
+    variance = np.einsum("ij,ij->j", Z, Z, dtype=np.float64) / n
+    kept = np.einsum("k,kj->j", scale.astype(np.float64) ** 2, Vt.astype(np.float64) ** 2)
+    residual = np.sqrt(np.clip(variance - kept, 0, None)).astype(np.float32)
+    del Z
+    out += rng.standard_normal(out.shape, dtype=np.float32) * residual
+    return out
+
+
+def _split_fit(signals, offsets, halves, n_components, threshold, restarts, seed, skip_first):
+    fits = [functional_networks(signals, n_components, threshold=threshold, restarts=restarts, seed=seed,
+                                rows=_rows_of(offsets, half, skip_first)) for half in halves]
+    return fits, match_maps(fits[0].maps, fits[1].maps)
+
+
+def _surrogate_split(signals, offsets, halves, n_components, threshold, restarts, seed, skip_first, surrogates):
+    """[surrogates, k]: the same split and matching run on covariance-matched Gaussian surrogates."""
+    rows = _rows_of(offsets, np.arange(len(offsets) - 1), skip_first)
+    new_offsets = np.concatenate([[0], np.cumsum(np.diff(offsets) - (1 if skip_first else 0))])
+    out = np.zeros((surrogates, n_components))
+    for s in range(surrogates):
+        fake = gaussian_surrogate(signals, rows, max(2 * n_components, 50), seed=seed * 1000 + 101 + s)
+        _, (_, out[s]) = _split_fit(fake, new_offsets, halves, n_components, threshold, restarts, seed, False)
+        del fake
+    return out
+
+
 def split_half_consistency(signals, offsets, n_components: int = 20, *, threshold: float = KEY_THRESHOLD,
                            restarts: int = 5, seed: int = 0, permutations: int = 20,
-                           reference: FunctionalNetworks | None = None, skip_first: bool = False) -> Consistency:
+                           reference: FunctionalNetworks | None = None, skip_first: bool = False,
+                           surrogates: int = 0, second_split: bool = False) -> Consistency:
     """Fit on two random halves of the texts (offsets [n_texts + 1] bound each text's tokens) and match.
 
     With a `reference` fit (usually on all texts), each reference network is also followed into both
-    halves: its half-A and half-B partners' |r| and key-neuron IoU are its consistency.
+    halves: its half-A and half-B partners' |r| and key-neuron IoU are its consistency. `surrogates`
+    reruns the same split and matching on that many covariance-matched Gaussian surrogates (the null a
+    claim can fail: any low-rank Gaussian beats the neuron shuffle); `second_split` repeats all of it on a
+    second, independent split of the texts (the replication). skip_first leaves out each text's position 0.
     """
     offsets = np.asarray(offsets, np.int64)
     n_texts = len(offsets) - 1
@@ -274,13 +329,15 @@ def split_half_consistency(signals, offsets, n_components: int = 20, *, threshol
         raise MlxscanError(f"split-half consistency needs at least 4 texts; got {n_texts}")
     if permutations < 1:
         raise MlxscanError("permutations must be at least 1")
+    if surrogates < 0:
+        raise MlxscanError("surrogates must be at least 0")
+    if skip_first and np.any(np.diff(offsets) < 2):
+        raise MlxscanError("a text has a single token, so leaving out position 0 leaves it empty; keep the first token")
     rng = np.random.default_rng([seed, 23])
     order = rng.permutation(n_texts)
     halves = order[: n_texts // 2], order[n_texts // 2:]
-    fits = [functional_networks(signals, n_components, threshold=threshold, restarts=restarts, seed=seed,
-                                rows=_rows_of(offsets, half, skip_first)) for half in halves]
-    a, b = fits
-    partner, correlation = match_maps(a.maps, b.maps)
+    (a, b), (partner, correlation) = _split_fit(signals, offsets, halves, n_components, threshold, restarts, seed,
+                                                skip_first)
     iou = np.array([_iou(a.key_mask[i], b.key_mask[j]) for i, j in enumerate(partner)])
     null_r, null_iou = np.zeros((permutations, a.n_components)), np.zeros((permutations, a.n_components))
     for p in range(permutations):
@@ -293,9 +350,20 @@ def split_half_consistency(signals, offsets, n_components: int = 20, *, threshol
         to_b, _ = match_maps(reference.maps, b.maps)
         reference_r = np.abs(np.array([_correlations(a.maps[[i]], b.maps[[j]])[0, 0] for i, j in zip(to_a, to_b)]))
         reference_iou = np.array([_iou(a.key_mask[i], b.key_mask[j]) for i, j in zip(to_a, to_b)])
+    surrogate_r = second_r = second_surrogate_r = None
+    args = (n_components, threshold, restarts, seed, skip_first)
+    if surrogates:
+        surrogate_r = _surrogate_split(signals, offsets, halves, *args, surrogates)
+    if second_split:
+        order2 = np.random.default_rng([seed, 29]).permutation(n_texts)
+        halves2 = order2[: n_texts // 2], order2[n_texts // 2:]
+        _, (_, second_r) = _split_fit(signals, offsets, halves2, *args)
+        if surrogates:
+            second_surrogate_r = _surrogate_split(signals, offsets, halves2, *args, surrogates)
     return Consistency(half_a_texts=np.sort(halves[0]), correlation=correlation, key_iou=iou,
                        null_correlation=null_r, null_iou=null_iou, reference_correlation=reference_r,
-                       reference_iou=reference_iou)
+                       reference_iou=reference_iou, surrogate_correlation=surrogate_r, second_correlation=second_r,
+                       second_surrogate_correlation=second_surrogate_r, skip_first=skip_first)
 
 
 # ---------------------------------------------------------------------------------------------

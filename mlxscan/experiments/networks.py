@@ -139,10 +139,12 @@ def _ica_pieces(scan, layers: Sequence[int] | None, per_layer: bool) -> tuple[li
 def run_ica(*, scan=None, model_ref=None, texts_path: Path | None = None, components: int = 20,
             per_layer: bool = False, layers: Sequence[int] | None = None, threshold: float = 3.6,
             restarts: int = 5, seed: int = 0, split_half: bool = True, permutations: int = 20,
-            keep_first_token: bool = False, say: Say = quiet, scan_progress=None) -> IcaOutcome:
+            keep_first_token: bool = False, surrogates: int = 3, say: Say = quiet, scan_progress=None) -> IcaOutcome:
     """Decompose a token-level mlp_act scan (or a cached scan of `texts_path` made now) into networks."""
     from ..analysis.ica import functional_networks, split_half_consistency, token_rows
 
+    if split_half and surrogates < 1:
+        raise MlxscanError("--surrogates must be at least 1: the split-half claim is judged against them")
     timings = {}
     if scan is None:
         from ..capture.scan import ScanSettings, cached_scan
@@ -169,7 +171,8 @@ def run_ica(*, scan=None, model_ref=None, texts_path: Path | None = None, compon
             started = time.perf_counter()
             consistency = split_half_consistency(piece, scan.offsets, components, threshold=threshold,
                                                  restarts=restarts, seed=seed, permutations=permutations,
-                                                 reference=networks, skip_first=not keep_first_token)
+                                                 reference=networks, skip_first=not keep_first_token,
+                                                 surrogates=surrogates, second_split=True)
             timings["split_half"] += time.perf_counter() - started
         fits.append(LayerFit(fit_layers, networks, consistency))
     m = scan.manifest
@@ -179,7 +182,8 @@ def run_ica(*, scan=None, model_ref=None, texts_path: Path | None = None, compon
         per_layer=per_layer, fits=fits,
         settings={"components": components, "threshold": threshold, "restarts": restarts, "seed": seed,
                   "split_half": split_half, "permutations": permutations if split_half else None,
-                  "first_token": "kept" if keep_first_token else "left out (position 0, the attention sink)"},
+                  "first_token": "kept" if keep_first_token else "left out (position 0, the attention sink)",
+                  "surrogates": surrogates if split_half else None},
         timings=timings)
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..claims import Claim, file_record, sha256_of
+from ..claims import Claim, file_record, sha256_of, untestable_claim
 from ..errors import MlxscanError
 from .evidence import P_FLOOR, Evidence, grouped_evidence, prediction_p, weighted_mean
 
@@ -83,6 +83,14 @@ def null_tail(observed: float, null) -> float:
     return p if math.isnan(p) else float(max(p, P_FLOOR))
 
 
+DEGENERATE_NULL = "the null is degenerate (fewer than 2 finite draws, or no spread): p is undefined"
+
+
+def _testable(made: Claim, reason: str = DEGENERATE_NULL) -> Claim:
+    """The claim as made, or marked untestable when its p is NaN."""
+    return untestable_claim(made, reason) if math.isnan(made.p) and not made.untestable else made
+
+
 def chosen_layers(ctx: StepContext, available: list[int]) -> list[int]:
     wanted = ctx.settings.get("layers")
     if wanted is None:
@@ -142,14 +150,14 @@ def selectivity_claims(ctx: StepContext) -> list[Claim]:
         position = layers.index(layer)
         overlaps, shuffled = arrays["overlaps"][position], arrays["shuffled_overlaps"][position]  # [H, K]
         evidence = _halving_evidence(overlaps, shuffled, seed=layer)
-        claims.append(claim(
+        claims.append(_testable(claim(
             ctx, f"units_replicate.L{layer}", evidence, data_files=files,
             hypothesis=f"A category's top-{record['k']} most selective units at layer {layer} are found again on "
                        "the other half of its words, more than when categories are shuffled across words",
             statistic=f"mean |A∩B|/k of top-{record['k']} {record['site']} units over {len(overlaps)} word halvings "
                       "and all categories",
             value=overlaps.mean(), control="the same halvings with categories shuffled across words",
-            control_value=shuffled.mean()))
+            control_value=shuffled.mean())))
     return claims
 
 
@@ -192,13 +200,22 @@ def cka_claims(ctx: StepContext) -> list[Claim]:
         raise MlxscanError(f"step {ctx.name}: the CKA claim needs one scan with more than {gap} layers")
     rows = np.arange(n - gap)
     differences = matrix[rows, rows + 1] - matrix[rows, rows + gap]  # one per starting layer
-    evidence = grouped_evidence(weighted_mean(differences), rows.astype(str), seed=0, unit="layers")
-    return [claim(ctx, "gradual_depth", evidence, data_files=ctx.files("cka.json", "cka.npz"),
-                  hypothesis=f"Each layer's representation is more similar to the next layer's than to the one "
-                             f"{gap} layers on (gradual change with depth)",
-                  statistic="debiased linear CKA with the next layer (mean over layers)",
-                  value=matrix[rows, rows + 1].mean(), control=f"debiased CKA with the layer {gap} on",
-                  control_value=matrix[rows, rows + gap].mean())]
+    effect = float(differences.mean())
+    low, high = (float(v) for v in arrays["gradual_ci"]) if "gradual_ci" in arrays else (effect, effect)
+    evidence = Evidence(effect=effect, ci=(low, high), p=math.nan,
+                        test="none: a measurement (CI: bootstrap over stimuli, or words when the scan has word "
+                             "groups, when cka.npz has it)",
+                        replication={"kind": "none", "value": math.nan, "passed": False})
+    made = claim(ctx, "gradual_depth", evidence, data_files=ctx.files("cka.json", "cka.npz"),
+                 hypothesis=f"Each layer's representation is more similar to the next layer's than to the one "
+                            f"{gap} layers on (gradual change with depth)",
+                 statistic="debiased linear CKA with the next layer (mean over layers)",
+                 value=matrix[rows, rows + 1].mean(), control=f"debiased CKA with the layer {gap} on",
+                 control_value=matrix[rows, rows + gap].mean())
+    return [untestable_claim(made, GRADUAL_MEASUREMENT)]
+
+
+GRADUAL_MEASUREMENT = "a measurement: neighbouring layers share the residual stream, so no null here can fail"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,16 +230,38 @@ def ica_claims(ctx: StepContext) -> list[Claim]:
                            "consistency (leave out --per-layer and --no-split-half)")
     r, null = arrays["split_correlation"], arrays["null_correlation"]  # [k], [P, k]
     networks = np.arange(len(r))
-    evidence = grouped_evidence(weighted_mean(r - null.mean()), networks.astype(str), seed=0, unit="networks")
-    evidence = Evidence(evidence.effect, evidence.ci, null_tail(r.mean(), null.mean(axis=1)),
-                        f"one-sided: Student-t prediction test of the mean |r| among {len(null)} neuron-shuffled fits; CI: "
-                        "bootstrap over networks", evidence.replication)
-    return [claim(ctx, "networks_recur", evidence, data_files=ctx.files("ica.json", "ica.npz"),
-                  hypothesis="ICA functional networks of MLP neurons found on one half of the texts are found again "
-                             "on the other half",
-                  statistic=f"mean |r| of matched spatial maps over {len(r)} networks (Hungarian matching)",
-                  value=r.mean(), control="the same matching after shuffling neurons in one half",
-                  control_value=null.mean())]
+    files = ctx.files("ica.json", "ica.npz")
+    hypothesis = ("ICA functional networks of MLP neurons found on one half of the texts are found again on the "
+                  "other half")
+    statistic = f"mean |r| of matched spatial maps over {len(r)} networks (Hungarian matching)"
+    surrogate = arrays.get("surrogate_correlation")
+    if surrogate is None or surrogate.ndim != 2 or len(surrogate) == 0:
+        made = claim(ctx, "networks_recur", Evidence(float(r.mean() - null.mean()), (math.nan, math.nan), math.nan,
+                                                     "none", {"kind": "none", "value": math.nan, "passed": False}),
+                     data_files=files, hypothesis=hypothesis, statistic=statistic, value=r.mean(),
+                     control="the same matching after shuffling neurons in one half (a null any low-rank "
+                             "Gaussian data beats)", control_value=null.mean())
+        return [untestable_claim(made, "no covariance-matched Gaussian surrogates in ica.npz (rerun with "
+                                       "--surrogates >= 2): the neuron-shuffled null cannot fail")]
+    boot = grouped_evidence(weighted_mean(r - surrogate.mean(axis=0)), networks.astype(str), seed=0,
+                            unit="networks")
+    replication = {"kind": "none", "value": math.nan, "passed": False,
+                   "rule": "a second, independent split of the texts beats its own surrogates, p < 0.05"}
+    second, second_surrogate = arrays.get("second_correlation"), arrays.get("second_surrogate_correlation")
+    if second is not None and second_surrogate is not None:
+        p_second = null_tail(second.mean(), second_surrogate.mean(axis=1))
+        value = float(second.mean() - second_surrogate.mean())
+        replication = {"kind": "second split of the texts, everything refit", "value": value,
+                       "passed": bool(value > 0 and p_second < 0.05), "p": p_second, "rule": replication["rule"]}
+    evidence = Evidence(float(r.mean() - surrogate.mean()), boot.ci, null_tail(r.mean(), surrogate.mean(axis=1)),
+                        f"one-sided: Student-t prediction p of the mean |r| among {len(surrogate)} covariance-"
+                        "matched Gaussian surrogates (same shape, same split, same ICA); CI: bootstrap over networks",
+                        replication)
+    return [_testable(claim(ctx, "networks_recur", evidence, data_files=files, hypothesis=hypothesis,
+                            statistic=statistic, value=r.mean(),
+                            control="the same ICA and matching on Gaussian rows with the signals' covariance (the neuron-shuffled "
+                                    f"null, which any low-rank Gaussian beats, scored {null.mean():.3f})",
+                            control_value=surrogate.mean()))]
 
 
 def _registry() -> dict[str, Callable[[StepContext], list[Claim]]]:
